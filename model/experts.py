@@ -1,0 +1,121 @@
+"""Experts: the `ExpertRequest` contract, a grouped `ExpertBank`, and the in-process `LocalExperts`.
+
+Shape letters: n rows sent, k expert slots per row (≤ A), D dim, F expert hidden, E experts held.
+DESIGN.md, "The expert call": y[n, D] = Σ_j gates[:, j] · SwiGLU_{expert_ids[:, j]}(x), where
+expert_ids = -1 marks a slot whose expert lives on another shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moray.model.layers import swiglu
+
+
+@dataclass
+class ExpertRequest:
+    layer: int
+    x: torch.Tensor  # [n, D]
+    expert_ids: torch.Tensor  # [n, k] int64, global expert ids, -1 = padding
+    gates: torch.Tensor  # [n, k]
+
+
+class ExpertBank(torch.nn.Module):
+    """Several experts of one layer, stacked `[E, …]`, computed grouped: tokens sorted by expert."""
+
+    def __init__(self, expert_ids: Iterable[int], w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                 num_global_experts: int) -> None:
+        super().__init__()
+        self.expert_ids = list(expert_ids)
+        # w1 and w3 fused: one matmul gives both halves of the SwiGLU input.
+        self.w13 = torch.nn.Parameter(torch.cat([w1, w3], dim=1), requires_grad=False)  # [E, 2F, D]
+        self.w2 = torch.nn.Parameter(w2, requires_grad=False)  # [E, D, F]
+        local = torch.full((num_global_experts,), -1, dtype=torch.long)
+        local[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
+        self.register_buffer("local_index", local, persistent=False)  # global id -> row in w13/w2
+
+    @classmethod
+    def from_weights(cls, tensors: Mapping[str, torch.Tensor], layer: int, expert_ids: Iterable[int],
+                     num_global_experts: int) -> ExpertBank:
+        ids = sorted(expert_ids)
+        stack = {w: torch.stack([tensors[f"layers.{layer}.experts.{e}.{w}"] for e in ids]) for w in ("w1", "w2", "w3")}
+        return cls(ids, stack["w1"], stack["w2"], stack["w3"], num_global_experts)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        n, k = expert_ids.shape
+        flat_ids = expert_ids.reshape(-1)  # [n*k]
+        local = torch.where(flat_ids >= 0, self.local_index[flat_ids.clamp(min=0)], -1)  # [n*k]
+        keep = (local >= 0).nonzero().squeeze(1)
+        order = keep[torch.argsort(local[keep], stable=True)]  # slots sorted by expert
+        counts = torch.bincount(local[order], minlength=len(self.expert_ids)).tolist()
+        rows = order // k  # [m] token row of each sorted slot
+        xs = x[rows]  # [m, D]
+        out = torch.empty_like(xs)
+        start = 0
+        for e, count in enumerate(counts):  # one grouped matmul per expert, never per token
+            if count:
+                out[start:start + count] = self._expert(e, xs[start:start + count])
+                start += count
+        y = torch.zeros_like(x)
+        y.index_add_(0, rows, out * gates.reshape(-1)[order, None].to(out.dtype))
+        return y
+
+    def _expert(self, e: int, xs: torch.Tensor) -> torch.Tensor:
+        gate_up = xs @ self.w13[e].T  # [m, 2F]
+        g, u = gate_up.chunk(2, dim=-1)
+        return (F.silu(g) * u) @ self.w2[e].T  # [m, D]
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+class LocalExperts:
+    """Every expert of every layer in this process: the parity oracle and the single-process backend."""
+
+    def __init__(self, banks: Mapping[int, ExpertBank]) -> None:
+        self.banks = dict(banks)
+
+    @classmethod
+    def from_weights(cls, tensors: Mapping[str, torch.Tensor], experts: Mapping[int, Iterable[int]],
+                     num_global_experts: int) -> LocalExperts:
+        return cls({layer: ExpertBank.from_weights(tensors, layer, ids, num_global_experts)
+                    for layer, ids in experts.items()})
+
+    def serve(self, request: ExpertRequest) -> torch.Tensor:
+        return self.banks[request.layer](request.x, request.expert_ids, request.gates)
+
+    async def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return self.serve(ExpertRequest(layer, x, ids, gates))
+
+
+def reference_moe(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
+                  weights: Mapping[str, torch.Tensor], layer: int, num_experts: int) -> torch.Tensor:
+    """The slow, obvious loop (mistral-inference's moe.py): the oracle for `ExpertBank`."""
+    y = torch.zeros_like(x)
+    for e in range(num_experts):
+        rows, slot = torch.where(ids == e)
+        if len(rows):
+            w = [weights[f"layers.{layer}.experts.{e}.{n}"] for n in ("w1", "w2", "w3")]
+            y[rows] += gates[rows, slot, None] * swiglu(x[rows], *w)
+    return y
+
+
+def split_by_shard(ids: torch.Tensor, gates: torch.Tensor, shard_of: torch.Tensor,
+                   num_shards: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per shard: (rows, expert_ids [n, A] with -1 where another shard serves, gates [n, A]).
+
+    ids, gates, shard_of: [T, A]. A token goes to a shard once, with every slot that shard serves.
+    """
+    parts = []
+    for s in range(num_shards):
+        mine = shard_of == s  # [T, A]
+        rows = mine.any(dim=1).nonzero().squeeze(1)  # [n]
+        if len(rows):
+            parts.append((rows, torch.where(mine[rows], ids[rows], -1), gates[rows] * mine[rows]))
+        else:
+            parts.append((rows, ids[:0], gates[:0]))
+    return parts

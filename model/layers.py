@@ -1,0 +1,95 @@
+"""Mixtral's building blocks: RMSNorm, RoPE, GQA attention over a paged KV cache, router, SwiGLU.
+
+Shape letters: T tokens in a step, B sequences in a step, Q max query tokens of one sequence in
+the step, L max cached length, D model dim, H query heads, K kv heads, d head dim, E experts,
+A active experts per token (top-k), F expert hidden dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    return (x.float() * torch.rsqrt(var + eps)).to(x.dtype) * weight
+
+
+def rope_tables(head_dim: int, theta: float, max_len: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """cos/sin tables [max_len, d] in the half-split ("rotate_half") layout HF checkpoints use."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=device), inv_freq)  # [L, d/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [L, d]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, h, d]; cos/sin [T, d] already gathered at each token's position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos[:, None] + rotated.float() * sin[:, None]).to(x.dtype)
+
+
+@dataclass
+class StepBatch:
+    """One engine step's tokens, flattened over sequences (prefill chunks and decodes together)."""
+
+    tokens: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64: absolute position of each token in its sequence
+    seq_index: torch.Tensor  # [T] int64: row of the token's sequence in this step, 0..B-1
+    query_index: torch.Tensor  # [T] int64: index of the token within its sequence's chunk, 0..Q-1
+    slot_mapping: torch.Tensor  # [T] int64: flat KV slot (block * block_size + offset) to write
+    block_tables: torch.Tensor  # [B, nb] int64: KV blocks of each sequence (padded with any id)
+    logits_index: torch.Tensor  # [N] int64: tokens whose next-token logits are wanted
+    max_query: int  # Q
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.block_tables.shape[0])
+
+    def to(self, device: torch.device) -> StepBatch:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return StepBatch(**moved)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: StepBatch,
+) -> torch.Tensor:
+    """Causal attention of the step's queries against each sequence's cached keys/values.
+
+    q [T, H, d]; k_cache/v_cache [num_blocks, bs, K, d] (this step's k/v already written).
+    Returns [T, H, d].
+    """
+    T, H, d = q.shape
+    B, Q = batch.num_seqs, batch.max_query
+    kv_heads = k_cache.shape[2]
+    keys = k_cache[batch.block_tables].flatten(1, 2)  # [B, L, K, d]
+    values = v_cache[batch.block_tables].flatten(1, 2)  # [B, L, K, d]
+    L = keys.shape[1]
+    keys = keys.transpose(1, 2).repeat_interleave(H // kv_heads, dim=1)  # [B, H, L, d]
+    values = values.transpose(1, 2).repeat_interleave(H // kv_heads, dim=1)  # [B, H, L, d]
+    queries = q.new_zeros(B, Q, H, d)
+    queries[batch.seq_index, batch.query_index] = q
+    query_pos = torch.zeros(B, Q, dtype=torch.long, device=q.device)  # padded queries see key 0 only
+    query_pos[batch.seq_index, batch.query_index] = batch.positions
+    mask = torch.arange(L, device=q.device)[None, None, :] <= query_pos[:, :, None]  # [B, Q, L]
+    out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=mask[:, None])
+    return out.transpose(1, 2)[batch.seq_index, batch.query_index]  # [T, H, d]
+
+
+def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's router, G(x) = Softmax(TopK(x·Wg)): ids [T, A] int64 and gates [T, A] in x's dtype."""
+    scores = x @ gate_weight.T  # [T, E]
+    top_scores, ids = torch.topk(scores.float(), top_k, dim=-1)  # [T, A]
+    return ids, torch.softmax(top_scores, dim=-1).to(x.dtype)
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """One expert: w2 · (silu(w1·x) ⊙ w3·x). x [n, D]; w1, w3 [F, D]; w2 [D, F]."""
+    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T

@@ -1,0 +1,104 @@
+"""The Mixtral model, attention side: embeddings, attention, norms, routers, lm_head.
+
+The experts sit behind the `ExpertBackend` contract (DESIGN.md, "The expert call"): an awaitable
+`(layer, x [T, D], ids [T, A], gates [T, A]) -> y [T, D]`. `LocalExperts` serves it in process;
+the dispatcher serves it from expert shards. Shape letters as in layers.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from moray.model.config import MixtralConfig
+from moray.model.experts import LocalExperts
+from moray.model.kv_cache import KVCache
+from moray.model.layers import StepBatch, apply_rope, paged_attention, rms_norm, rope_tables, route
+from moray.model.weights import load_attention, load_experts
+
+
+class ExpertBackend(Protocol):
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> Awaitable[torch.Tensor]:
+        ...
+
+
+@dataclass
+class Routed:
+    """What one layer's attention half hands to the experts."""
+
+    h: torch.Tensor  # [T, D] residual stream after attention
+    x: torch.Tensor  # [T, D] ffn-normed input of the experts
+    ids: torch.Tensor  # [T, A]
+    gates: torch.Tensor  # [T, A]
+
+
+class Mixtral(torch.nn.Module):
+    def __init__(self, cfg: MixtralConfig, weights: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        expert_names = [n for n in weights if ".experts." in n]
+        if expert_names:
+            raise ValueError(f"the attention side must hold no expert weight, got {expert_names[:3]}")
+        self.params = torch.nn.ParameterDict(
+            {n.replace(".", "_"): torch.nn.Parameter(t, requires_grad=False) for n, t in weights.items()}
+        )
+        device = weights["embed"].device
+        self.cos, self.sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, device)
+
+    def w(self, name: str) -> torch.Tensor:
+        return self.params[name.replace(".", "_")]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w("embed").dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.w("embed").device
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.w("embed")[tokens]  # [T, D]
+
+    def attention(self, layer: int, h: torch.Tensor, batch: StepBatch, kv: KVCache) -> Routed:
+        cfg, p = self.cfg, f"layers.{layer}."
+        x = rms_norm(h, self.w(p + "attn_norm"), cfg.norm_eps)
+        q = (x @ self.w(p + "wq").T).view(-1, cfg.n_heads, cfg.head_dim)  # [T, H, d]
+        k = (x @ self.w(p + "wk").T).view(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
+        v = (x @ self.w(p + "wv").T).view(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
+        cos, sin = self.cos[batch.positions], self.sin[batch.positions]  # [T, d]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv.write(layer, batch.slot_mapping, k, v)
+        attn = paged_attention(q, kv.k[layer], kv.v[layer], batch)  # [T, H, d]
+        h = h + attn.flatten(1) @ self.w(p + "wo").T
+        x = rms_norm(h, self.w(p + "ffn_norm"), cfg.norm_eps)
+        ids, gates = route(x, self.w(p + "gate"), cfg.top_k)
+        return Routed(h, x, ids, gates)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        head = self.w("embed") if self.cfg.tie_embeddings else self.w("lm_head")
+        return (rms_norm(h, self.w("norm"), self.cfg.norm_eps) @ head.T).float()  # [N, V]
+
+    async def forward_step(self, batch: StepBatch, kv: KVCache, experts: ExpertBackend) -> torch.Tensor:
+        """One engine step through every layer: next-token logits [N, V] at `batch.logits_index`."""
+        h = self.embed(batch.tokens)
+        for layer in range(self.cfg.n_layers):
+            r = self.attention(layer, h, batch, kv)
+            h = r.h + await experts(layer, r.x, r.ids, r.gates)
+        return self.logits(h[batch.logits_index])
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params.values())
+
+
+def load_local(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> tuple[Mixtral, LocalExperts]:
+    """The whole model in this process: attention side plus every expert (the parity oracle)."""
+    cfg = MixtralConfig.load(model_dir)
+    attn = load_attention(model_dir, dtype=dtype, device=device)
+    everything = {layer: list(range(cfg.n_experts)) for layer in range(cfg.n_layers)}
+    experts = load_experts(model_dir, everything, dtype=dtype, device=device)
+    return Mixtral(cfg, attn.tensors), LocalExperts.from_weights(experts.tensors, everything, cfg.n_experts)
