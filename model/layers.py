@@ -50,6 +50,21 @@ class StepBatch:
     def num_seqs(self) -> int:
         return int(self.block_tables.shape[0])
 
+    @classmethod
+    def for_sequence(cls, tokens: list[int], start: int, blocks: list[int], block_size: int,
+                     all_logits: bool = False) -> StepBatch:
+        """One sequence's tokens at positions start.. (a prefill chunk, or one decode token)."""
+        n = len(tokens)
+        pos = torch.arange(start, start + n)
+        table = torch.tensor(blocks, dtype=torch.long)
+        return cls(
+            tokens=torch.tensor(tokens, dtype=torch.long), positions=pos,
+            seq_index=torch.zeros(n, dtype=torch.long), query_index=torch.arange(n),
+            slot_mapping=table[pos // block_size] * block_size + pos % block_size,
+            block_tables=table[None, : -(-(start + n) // block_size)],
+            logits_index=torch.arange(n) if all_logits else torch.tensor([n - 1]), max_query=n,
+        )
+
     def to(self, device: torch.device) -> StepBatch:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
         return StepBatch(**moved)

@@ -1,0 +1,95 @@
+"""Expert-parallel runtime on plain Ray actors (no Serve): shards + a dispatcher in a placement group.
+
+Used by `moray generate --num-shards N`, `moray bench --num-shards N` and the actor tests. Shards
+request one GPU each when CUDA is there, else a fraction of a CPU; a placement group packs them
+(`PACK`, default) or spreads them over nodes (`STRICT_SPREAD` / `SPREAD`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from moray.actors.dispatcher import Dispatcher
+from moray.actors.experts import ExpertShard
+from moray.actors.placement import Placement
+from moray.model.config import MixtralConfig
+from moray.model.engine import EngineConfig, GenerateRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeOptions:
+    device: str = "cpu"
+    dtype: str = "float32"
+    strategy: str = "PACK"  # placement group strategy: PACK, SPREAD, STRICT_SPREAD, STRICT_PACK
+    shard_cpus: float = 0.5
+    dispatcher_cpus: float = 1.0
+    shard_resources: dict[str, float] = field(default_factory=dict)  # extra custom resources per shard
+    dispatcher_resources: dict[str, float] = field(default_factory=dict)
+    threads: int = 1
+
+
+@dataclass
+class Runtime:
+    dispatcher: Any  # Ray actor handle of Dispatcher
+    shards: list[Any]  # Ray actor handles of ExpertShard
+    placement: Placement
+    group: PlacementGroup
+
+    def generate(self, request: GenerateRequest) -> list[TokenEvent]:
+        events: list[TokenEvent] = ray.get(self.dispatcher.complete.remote(request))
+        return events
+
+    async def stream(self, request: GenerateRequest) -> Any:
+        async for ref in self.dispatcher.generate.options(num_returns="streaming").remote(request):
+            yield await ref
+
+    def shutdown(self) -> None:
+        for actor in [self.dispatcher, *self.shards]:
+            ray.kill(actor)
+        remove_placement_group(self.group)
+
+
+def _bundle(cpus: float, gpu: bool, extra: dict[str, float]) -> dict[str, float]:
+    return {"CPU": cpus, **({"GPU": 1.0} if gpu else {}), **extra}
+
+
+def start_runtime(model_dir: str, num_shards: int, engine_config: EngineConfig,
+                  placement: Placement | None = None, options: RuntimeOptions | None = None) -> Runtime:
+    """Start the shards and the dispatcher; return once every actor has loaded its weights."""
+    opts = options or RuntimeOptions()
+    cfg = MixtralConfig.load(model_dir)
+    placement = placement or Placement.round_robin(cfg.n_layers, cfg.n_experts, num_shards)
+    placement.validate(cfg.n_layers, cfg.n_experts)
+    gpu = opts.device.startswith("cuda")
+    bundles = [_bundle(opts.dispatcher_cpus, gpu, opts.dispatcher_resources)]
+    bundles += [_bundle(opts.shard_cpus, gpu, opts.shard_resources) for _ in range(placement.num_shards)]
+    group = placement_group(bundles, strategy=opts.strategy)
+    ray.get(group.ready(), timeout=120)
+
+    def in_bundle(i: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i)
+
+    shard_cls = ray.remote(ExpertShard)
+    shards = [
+        shard_cls.options(num_cpus=opts.shard_cpus, num_gpus=1 if gpu else 0, resources=opts.shard_resources,
+                          scheduling_strategy=in_bundle(s + 1), max_restarts=-1, max_task_retries=0)
+        .remote(model_dir, s, placement.shard_experts(s), dtype=opts.dtype, device=opts.device,
+                num_threads=opts.threads)
+        for s in range(placement.num_shards)
+    ]
+    dispatcher = ray.remote(Dispatcher).options(
+        num_cpus=opts.dispatcher_cpus, num_gpus=1 if gpu else 0, resources=opts.dispatcher_resources,
+        scheduling_strategy=in_bundle(0), max_concurrency=1000,
+    ).remote(model_dir, placement, shards, engine_config, dtype=opts.dtype, device=opts.device,
+             num_threads=opts.threads)
+    ray.get([s.info.remote() for s in shards] + [dispatcher.stats.remote()])
+    log.info("runtime up: %d expert shards, placement strategy %s", placement.num_shards, opts.strategy)
+    return Runtime(dispatcher, shards, placement, group)

@@ -1,0 +1,92 @@
+"""How hidden states travel between the dispatcher and the expert shards.
+
+`ShardedExperts` is the dispatcher's `ExpertBackend`: per layer it routes each token's top-2
+experts to the shards that own them (`Placement.route`), sends every involved shard ONE call with
+just its rows (each token once per shard, in the model dtype), awaits them all concurrently and
+adds the partial outputs back (`index_add_`). A shard handle is anything whose
+`.serve.remote(layer, x, ids, gates)` is awaitable: a Ray actor handle (object-store transport,
+works on CPU and across nodes) or a Serve `DeploymentHandle`.
+
+A call that fails because its shard died is retried (Serve or Ray restarts the replica, or another
+replica answers) until `shard_timeout_s` passes; then `ShardUnavailableError` (HTTP 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from moray.actors.placement import Placement
+from moray.model.experts import split_by_shard
+
+log = logging.getLogger(__name__)
+
+
+class ShardUnavailableError(RuntimeError):
+    """No live replica of an expert shard answered within the timeout."""
+
+
+def _retryable(e: BaseException) -> bool:
+    import ray.exceptions as rex
+
+    retry = (rex.RayActorError, rex.ActorUnavailableError, rex.WorkerCrashedError, rex.ObjectLostError)
+    try:
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        retry += (BackPressureError, DeploymentUnavailableError)
+    except ImportError:  # older Serve
+        pass
+    return isinstance(e, retry) or type(e).__name__ in {"ActorDiedError", "RayActorError"}
+
+
+class ShardedExperts:
+    def __init__(self, placement: Placement, shards: Sequence[Any], shard_timeout_s: float = 60.0) -> None:
+        if len(shards) != placement.num_shards:
+            raise ValueError(f"placement has {placement.num_shards} shards, got {len(shards)} handles")
+        self.placement, self.shards, self.shard_timeout_s = placement, list(shards), shard_timeout_s
+        self.calls = [0] * len(shards)
+        self.call_s = [0.0] * len(shards)
+        self.retries = 0
+
+    async def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        shard_of = self.placement.route(layer, ids)  # [T, A]
+        parts = split_by_shard(ids, gates, shard_of, len(self.shards))
+        busy = [(s, rows) for s, (rows, _, _) in enumerate(parts) if len(rows)]
+        outs = await asyncio.gather(
+            *(self._call(s, layer, x[rows], parts[s][1], parts[s][2]) for s, rows in busy)
+        )
+        y = torch.zeros_like(x)
+        for (_, rows), part in zip(busy, outs):
+            y.index_add_(0, rows, part.to(y.device))
+        return y
+
+    async def _call(self, shard: int, layer: int, x: torch.Tensor, ids: torch.Tensor,
+                    gates: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        deadline, delay = start + self.shard_timeout_s, 0.1
+        while True:
+            try:
+                y = await self.shards[shard].serve.remote(layer, x, ids, gates)
+                break
+            except Exception as e:
+                if not _retryable(e) or time.perf_counter() + delay > deadline:
+                    if _retryable(e):
+                        raise ShardUnavailableError(
+                            f"expert shard {shard} has no live replica after {self.shard_timeout_s:.0f} s"
+                        ) from e
+                    raise
+                self.retries += 1
+                log.warning("expert shard %d call failed (%s); retrying in %.1f s", shard, type(e).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self.calls[shard] += 1
+        self.call_s[shard] += time.perf_counter() - start
+        return y
+
+    def stats(self) -> dict[str, Any]:
+        return {"shard_calls": list(self.calls), "shard_call_s": list(self.call_s), "shard_retries": self.retries}

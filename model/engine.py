@@ -1,0 +1,327 @@
+"""Continuous-batching engine: admits requests between steps, chunks prefills, decodes together.
+
+Each step runs the prefill chunks and decodes of all running sequences as one `StepBatch`
+(optionally in two ping-pong halves, so one half's attention runs while the other's experts do),
+samples every sequence at once, and streams `TokenEvent`s to each request's queue. A finished
+or cancelled sequence frees its KV blocks at once. No Ray here: the dispatcher wraps this engine
+with an expert backend that calls the shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from moray.model.kv_cache import BlockPool, KVCache
+from moray.model.mixtral import ExpertBackend, Mixtral
+from moray.model.sampling import SamplingParams, SamplingTensors, sample
+from moray.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from moray.model.layers import StepBatch
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request that can never be served (too long, empty): the client's fault (HTTP 400)."""
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at `max_waiting` (HTTP 429)."""
+
+
+@dataclass
+class GenerateRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    token_id: int
+    text: str
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 32
+    max_batch_tokens: int = 1024
+    max_model_len: int | None = None  # None: the model's context
+    block_size: int = 16
+    num_blocks: int | None = None  # None: room for max_num_seqs sequences of up to 1024 tokens
+    max_waiting: int = 256
+    pingpong: bool = False
+    prefix_caching: bool = True
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent per phase, summed over steps (for `moray bench`)."""
+
+    steps: int = 0
+    tokens: int = 0
+    attention: float = 0.0
+    experts: float = 0.0
+    sampling: float = 0.0
+    total: float = 0.0
+
+
+class Sequence:
+    def __init__(self, request: GenerateRequest, tokenizer: Tokenizer, seed: int) -> None:
+        self.request = request
+        self.params = request.params
+        self.tokens = list(request.prompt_ids)
+        self.prompt_len = len(self.tokens)
+        self.seed = seed
+        self.blocks: list[int] = []
+        self.hashes: list[int] = []
+        self.num_computed = 0
+        self.queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids=self.tokens)
+        self.text = ""
+        self.emitted = 0  # chars of `text` already sent
+        self.hold = max((len(s) for s in self.params.stop), default=1) - 1
+        self.done = False
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+class AsyncEngine:
+    def __init__(self, model: Mixtral, experts: ExpertBackend, tokenizer: Tokenizer, config: EngineConfig) -> None:
+        self.model, self.experts, self.tokenizer, self.config = model, experts, tokenizer, config
+        self.max_model_len = min(config.max_model_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        bs = config.block_size
+        num_blocks = config.num_blocks or max(
+            -(-self.max_model_len // bs), config.max_num_seqs * -(-min(self.max_model_len, 1024) // bs)
+        )
+        self.pool = BlockPool(num_blocks, bs, config.prefix_caching)
+        self.kv = KVCache(model.cfg, num_blocks, bs, model.dtype, model.device)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.times = StepTimes()
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # ---- requests -------------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        seq = self._submit(request)
+        try:
+            while True:
+                item = await seq.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not seq.done:
+                self._finish(seq)
+
+    def _submit(self, request: GenerateRequest) -> Sequence:
+        n, p = len(request.prompt_ids), request.params
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if n + p.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n + p.max_tokens} tokens ({n} in the prompt, {p.max_tokens} for the completion)."
+            )
+        if self.pool.blocks_needed(n + p.max_tokens) > self.pool.num_blocks:
+            raise RequestError(f"the request needs {n + p.max_tokens} tokens of KV cache; the pool holds "
+                               f"{self.pool.num_blocks * self.pool.block_size}")
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        seed = p.seed if p.seed is not None else secrets.randbits(62)
+        seq = Sequence(request, self.tokenizer, seed)
+        self.waiting.append(seq)
+        self._ensure_loop()
+        return seq
+
+    def _finish(self, seq: Sequence) -> None:
+        """Free a finished or cancelled sequence's blocks at once."""
+        seq.done = True
+        if seq in self.running:
+            self.running.remove(seq)
+            self.pool.release(seq.blocks)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            sched = self._schedule()
+            if not sched:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._step(sched)
+            except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, not the engine
+                log.exception("engine step failed")
+                for seq, _ in sched:
+                    if not seq.done:
+                        self._finish(seq)
+                        seq.queue.put_nowait(e)
+            await asyncio.sleep(0)  # let new requests and cancellations in between steps
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """Decodes first, then prefill chunks, then new sequences, within `max_batch_tokens`."""
+        budget = self.config.max_batch_tokens
+        sched: list[tuple[Sequence, int]] = []
+        for seq in sorted(self.running, key=lambda s: len(s.tokens) - s.num_computed):
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            if n > 0:
+                sched.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            alloc = self.pool.allocate(seq.tokens, seq.prompt_len + seq.params.max_tokens)
+            if alloc is None:
+                break
+            self.waiting.popleft()
+            seq.blocks, seq.hashes, seq.num_computed = alloc.blocks, alloc.hashes, alloc.cached_tokens
+            self.running.append(seq)
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            sched.append((seq, n))
+            budget -= n
+        return sched
+
+    def _batch(self, sched: list[tuple[Sequence, int]]) -> StepBatch:
+        bs = self.pool.block_size
+        tokens, positions, seq_index, query_index, slots, logits_index = [], [], [], [], [], []
+        tables = []
+        for row, (seq, n) in enumerate(sched):
+            pos = list(range(seq.num_computed, seq.num_computed + n))
+            start = len(tokens)
+            tokens += seq.tokens[pos[0]:pos[-1] + 1]
+            positions += pos
+            seq_index += [row] * n
+            query_index += list(range(n))
+            slots += [seq.blocks[p // bs] * bs + p % bs for p in pos]
+            tables.append(seq.blocks[: self.pool.blocks_needed(pos[-1] + 1)])
+            if pos[-1] + 1 == len(seq.tokens):
+                logits_index.append(start + n - 1)
+        width = max(len(t) for t in tables)
+        long = dict(dtype=torch.long)
+        return StepBatch(
+            tokens=torch.tensor(tokens, **long), positions=torch.tensor(positions, **long),
+            seq_index=torch.tensor(seq_index, **long), query_index=torch.tensor(query_index, **long),
+            slot_mapping=torch.tensor(slots, **long),
+            block_tables=torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], **long),
+            logits_index=torch.tensor(logits_index, **long), max_query=max(n for _, n in sched),
+        ).to(self.model.device)
+
+    async def _step(self, sched: list[tuple[Sequence, int]]) -> None:
+        t0 = time.perf_counter()
+        expert_s = [0.0]
+
+        async def timed_experts(layer: int, x: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            t = time.perf_counter()
+            y = await self.experts(layer, x, ids, g)
+            expert_s[0] += time.perf_counter() - t
+            return y
+
+        halves = [sched]
+        if self.config.pingpong and len(sched) > 1:
+            halves = [sched[: len(sched) // 2], sched[len(sched) // 2:]]
+        parts = await asyncio.gather(
+            *(self.model.forward_step(self._batch(h), self.kv, timed_experts) for h in halves)
+        )
+        logits = torch.cat(list(parts))  # [N, V], rows in sched order of sequences that sample
+        t1 = time.perf_counter()
+        for seq, n in sched:
+            seq.num_computed += n
+            self._register_prefix(seq)
+        sampling = [seq for seq, _ in sched if seq.num_computed == len(seq.tokens)]
+        if sampling:
+            self._sample(sampling, logits)
+        t2 = time.perf_counter()
+        tm = self.times
+        tm.steps += 1
+        tm.tokens += sum(n for _, n in sched)
+        tm.experts += expert_s[0]
+        tm.attention += (t1 - t0) - expert_s[0]
+        tm.sampling += t2 - t1
+        tm.total += t2 - t0
+
+    def _register_prefix(self, seq: Sequence) -> None:
+        for j in range(min(seq.num_computed // self.pool.block_size, len(seq.hashes))):
+            self.pool.register(seq.blocks[j], seq.hashes[j])
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        params = [s.params for s in seqs]
+        tensors = SamplingTensors.from_params(params, [s.seed for s in seqs], [s.generated for s in seqs],
+                                              logits.device)
+        num_logprobs = max((p.logprobs or 0 for p in params), default=0)
+        out = sample(logits, tensors, num_logprobs)
+        ids, lps = out.token_ids.tolist(), out.logprobs.tolist()
+        top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.tolist()
+        for i, seq in enumerate(seqs):
+            if seq.done:  # cancelled while the step ran
+                continue
+            k = seq.params.logprobs
+            top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k is not None else None
+            self._append(seq, ids[i], lps[i] if k is not None else None, top)
+
+    def _append(self, seq: Sequence, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
+        seq.tokens.append(token)
+        p, finish = seq.params, None
+        if (token == self.model.cfg.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            finish = "stop"
+        else:
+            seq.text += seq.detok.add(token)
+            cut = self._stop_index(seq)
+            if cut is not None:
+                seq.text, finish = seq.text[:cut], "stop"
+        if finish is None and (seq.generated >= p.max_tokens or len(seq.tokens) >= self.max_model_len):
+            finish = "length"
+            seq.text += seq.detok.flush()
+        end = len(seq.text) if finish else max(seq.emitted, len(seq.text) - seq.hold)
+        delta, seq.emitted = seq.text[seq.emitted:end], end
+        seq.queue.put_nowait(TokenEvent(seq.request.request_id, token, delta, logprob, top, finish,
+                                        seq.prompt_len, seq.generated))
+        if finish is not None:
+            self._finish(seq)
+
+    @staticmethod
+    def _stop_index(seq: Sequence) -> int | None:
+        """Where the first stop string starts, searching only where a new match can begin."""
+        start = max(0, seq.emitted - seq.hold)
+        hits = [i for s in seq.params.stop if (i := seq.text.find(s, start)) >= 0]
+        return min(hits) if hits else None
+
+    # ---- introspection --------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        return {
+            "waiting": len(self.waiting),
+            "running": len(self.running),
+            "kv_blocks_used": self.pool.num_used,
+            "kv_blocks_free": self.pool.num_free,
+            "kv_blocks_total": self.pool.num_blocks,
+            "prefix_cache_hits": self.pool.hits,
+            **{f"time_{k}": v for k, v in vars(self.times).items()},
+        }

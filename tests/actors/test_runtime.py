@@ -1,0 +1,143 @@
+"""Expert-parallel runtime on Ray actors: distributed == local, memory by role, batching, multi-node."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+
+from moray.actors.placement import Placement
+from moray.actors.runtime import Runtime, RuntimeOptions, start_runtime
+from moray.model.config import MixtralConfig
+from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, TokenEvent
+from moray.model.mixtral import load_local
+from moray.model.sampling import SamplingParams
+from moray.model.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+ENGINE = EngineConfig(max_num_seqs=16, max_batch_tokens=256, block_size=8, max_model_len=512)
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 32000, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def local_run(ckpt: Path, requests: list[GenerateRequest]) -> list[list[TokenEvent]]:
+    """Each request alone through the in-process model (the oracle)."""
+    model, experts = load_local(ckpt)
+    engine = AsyncEngine(model, experts, Tokenizer.from_model_dir(ckpt), ENGINE)
+
+    async def one(r: GenerateRequest) -> list[TokenEvent]:
+        return [e async for e in engine.generate(r)]
+
+    return [asyncio.run(one(r)) for r in requests]
+
+
+def assert_same(got: list[TokenEvent], want: list[TokenEvent]) -> None:
+    assert [e.token_id for e in got] == [e.token_id for e in want]
+    for a, b in zip(got, want):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny4_dir: Path) -> list[list[TokenEvent]]:
+    return local_run(tiny4_dir, [GenerateRequest(p, GREEDY) for p in prompts(3)])
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 4])
+def test_distributed_equals_local(ray_session: Any, tiny4_dir: Path, oracle: list[list[TokenEvent]],
+                                  num_shards: int) -> None:
+    rt = start_runtime(str(tiny4_dir), num_shards, ENGINE)
+    try:
+        for p, want in zip(prompts(3), oracle):
+            assert_same(rt.generate(GenerateRequest(p, GREEDY)), want)
+        cfg = MixtralConfig.load(tiny4_dir)
+        infos = ray.get([s.info.remote() for s in rt.shards])
+        for s, info in enumerate(infos):
+            held = sum(len(v) for v in rt.placement.shard_experts(s).values())
+            assert info["param_bytes"] == held * cfg.expert_bytes(4)
+        stats = ray.get(rt.dispatcher.stats.remote())
+        assert not [n for n in stats["param_names"] if "expert" in n]
+        assert sum(stats["shard_calls"]) > 0
+    finally:
+        rt.shutdown()
+
+
+def test_multi_node_spread(ray_session: Any, tiny4_dir: Path, oracle: list[list[TokenEvent]]) -> None:
+    """Dispatcher on the head node, the two shards on the two expert nodes."""
+    opts = RuntimeOptions(strategy="STRICT_SPREAD", shard_resources={"expert_node": 1},
+                          dispatcher_resources={"head_node": 0.5})
+    rt = start_runtime(str(tiny4_dir), 2, ENGINE, options=opts)
+    try:
+        shard_nodes = [info["node_id"] for info in ray.get([s.info.remote() for s in rt.shards])]
+        dispatcher_node = ray.get(rt.dispatcher.node_id.remote())
+        assert len({*shard_nodes, dispatcher_node}) == 3
+        head = [n["NodeID"] for n in ray.nodes() if n["Resources"].get("head_node")]
+        assert dispatcher_node == head[0]
+        for p, want in zip(prompts(3), oracle):
+            assert_same(rt.generate(GenerateRequest(p, GREEDY)), want)
+    finally:
+        rt.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runtime2(ray_session: Any, tiny_dir: Path) -> Any:
+    rt = start_runtime(str(tiny_dir), 2, ENGINE)
+    yield rt
+    rt.shutdown()
+
+
+async def stream(rt: Runtime, req: GenerateRequest, delay: float) -> list[TokenEvent]:
+    await asyncio.sleep(delay)
+    return [e async for e in rt.stream(req)]
+
+
+def test_continuous_batching_equals_alone(runtime2: Runtime, tiny_dir: Path) -> None:
+    reqs = [GenerateRequest(p, SamplingParams(max_tokens=4 + i % 7, temperature=0.0, ignore_eos=True, logprobs=0))
+            for i, p in enumerate(prompts(16, seed=7))]
+
+    async def all_of_them() -> list[list[TokenEvent]]:
+        return await asyncio.gather(*(stream(runtime2, r, 0.05 * (i % 5)) for i, r in enumerate(reqs)))
+
+    got = asyncio.run(all_of_them())
+    for g, want in zip(got, local_run(tiny_dir, reqs)):
+        assert_same(g, want)
+        assert g[-1].finish_reason == "length"
+
+
+def test_cancel_frees_kv_blocks(runtime2: Runtime) -> None:
+    req = GenerateRequest(prompts(1, seed=9)[0], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+
+    async def start_and_cancel() -> None:
+        gen = runtime2.dispatcher.generate.options(num_returns="streaming").remote(req)
+        for _ in range(3):
+            await (await gen.__anext__())
+        assert ray.get(runtime2.dispatcher.stats.remote())["kv_blocks_used"] > 0
+        ray.cancel(gen)
+
+    asyncio.run(start_and_cancel())
+    for _ in range(100):
+        stats = ray.get(runtime2.dispatcher.stats.remote())
+        if stats["running"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert stats["running"] == 0 and stats["kv_blocks_used"] == 0
+
+
+def test_too_long_prompt_is_a_clear_error(runtime2: Runtime) -> None:
+    req = GenerateRequest(list(range(3, 600)), SamplingParams(max_tokens=4))
+    with pytest.raises(Exception, match="maximum context length is 512 tokens"):
+        runtime2.generate(req)
+    assert runtime2.generate(GenerateRequest([5, 6, 7], SamplingParams(max_tokens=2)))[-1].finish_reason
+
+
+def test_placement_must_cover_every_expert(ray_session: Any, tiny4_dir: Path) -> None:
+    bad = Placement(slots=(((0, 1), (0, 1)), ((2,), (2, 3))))
+    with pytest.raises(ValueError, match="layer 0.*expert 3|expert 3.*layer 0"):
+        start_runtime(str(tiny4_dir), 2, ENGINE, placement=bad)
