@@ -134,9 +134,18 @@ def test_no_flapping_around_a_threshold(start: int) -> None:
     assert changes(history) == 0
 
 
-def test_slow_oscillation_scales_at_most_once_each_way() -> None:
-    history = simulate(TOKENS, lambda t: 260.0 if int(t / 20) % 2 == 0 else 180.0, start=2, seconds=200)
-    assert changes(history) <= 1  # 180 does not fit 2 replicas with the margin: once at 3, stays
+def test_slow_oscillation_scales_up_once_and_stays() -> None:
+    """Minute-long swings between 260 and 180 tokens/s (longer than both delays): 180 fits 2 replicas
+    only at 90% each, so once at 3 replicas the margin keeps it there."""
+    history = simulate(TOKENS, lambda t: 260.0 if int(t / 60) % 2 == 0 else 180.0, start=2, seconds=480)
+    assert changes(history) == 1 and history[-1][1] == 3
+
+
+def test_scales_to_the_most_conservative_wish_of_the_delay() -> None:
+    rising = simulate(TOKENS, lambda t: 250.0 if t < 3 else 450.0, start=1, seconds=5.5)
+    assert first_time(rising, 3) == 5.0  # wished 3, then 5: takes 3 (5 would wait for its own delay)
+    falling = simulate(TOKENS, lambda t: 50.0 if t < 10 else 200.0, start=5, seconds=31)
+    assert first_time(falling, 3) == 30.0 and first_time(falling, 1) is None  # wished 1, then 3: takes 3
 
 
 def test_no_metric_yet_holds() -> None:
