@@ -32,7 +32,6 @@ from typing import Any, Protocol
 TOKENS_METRIC = "tokens_per_s"  # expert-token pairs served per second by one replica
 SEQUENCES_METRIC = "sequences"  # queued + running sequences of one dispatcher replica
 _EXPERT_METRIC = re.compile(r"^tokens_per_s\.l(\d+)\.e(\d+)$")
-_STATE_KEYS = ("moray.direction", "moray.since", "moray.bound")
 _EPS_S = 1e-6
 
 
@@ -111,13 +110,14 @@ def _now(ctx: ScalingContext, now: float | None) -> float:
 
 def _after_delay(state: Mapping[str, Any] | None, direction: str, desired: int, hold: int, delay_s: float,
                  now: float, keep: Callable[[int, int], int]) -> tuple[int, dict[str, Any]]:
-    """Scale to `desired` once a wish in `direction` has lasted `delay_s`; else remember it and hold."""
+    """Scale to `desired` once a wish in `direction` (made at target `hold`) has lasted `delay_s`;
+    until then remember it and hold. A wish made at another target is stale: start over."""
     state = state or {}
-    if state.get("moray.direction") == direction:
+    if state.get("moray.direction") == direction and state.get("moray.from") == hold:
         since, bound = float(state["moray.since"]), keep(int(state["moray.bound"]), desired)
     else:
         since, bound = now, desired
-    state = {"moray.direction": direction, "moray.since": since, "moray.bound": bound}
+    state = {"moray.direction": direction, "moray.from": hold, "moray.since": since, "moray.bound": bound}
     # Once due, keep answering `bound` (state kept) until the target moves: a caller that adds its
     # own delay on top (Serve, if its delays are not 0) then sees a steady wish, not a blip.
     return (bound if now - since + _EPS_S >= delay_s else hold), state

@@ -142,8 +142,9 @@ def test_slow_oscillation_scales_up_once_and_stays() -> None:
 
 
 def test_scales_to_the_most_conservative_wish_of_the_delay() -> None:
-    rising = simulate(TOKENS, lambda t: 250.0 if t < 3 else 450.0, start=1, seconds=5.5)
-    assert first_time(rising, 3) == 5.0  # wished 3, then 5: takes 3 (5 would wait for its own delay)
+    rising = simulate(TOKENS, lambda t: 250.0 if t < 3 else 450.0, start=1, seconds=30)
+    assert first_time(rising, 3) == 5.0  # wished 3, then 5: takes 3 first ...
+    assert first_time(rising, 5) == 10.5 and rising[-1][1] == 5  # ... then 5, a fresh delay after
     falling = simulate(TOKENS, lambda t: 50.0 if t < 10 else 200.0, start=5, seconds=31)
     assert first_time(falling, 3) == 30.0 and first_time(falling, 1) is None  # wished 1, then 3: takes 3
 
