@@ -1,0 +1,181 @@
+"""The gRPC API against the running Serve app, with HTTP `/v1/completions` as the oracle.
+
+A `grpcio` client built from the checked-in stubs (`deploy/moray_pb2*.py`) must get the same
+tokens and text as the HTTP API for the same request (greedy and seeded), unary and streaming;
+bad arguments get INVALID_ARGUMENT, an unknown model NOT_FOUND, and the server keeps answering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from moray.deploy import moray_pb2, moray_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The quick brown fox"
+TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def stub(served_app: Any) -> Iterator[moray_pb2_grpc.MorayStub]:
+    channel = grpc.insecure_channel(served_app.grpc_target)
+    grpc.channel_ready_future(channel).result(timeout=60)
+    yield moray_pb2_grpc.MorayStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def metadata(served_app: Any) -> tuple[tuple[str, str], ...]:
+    return (("application", getattr(served_app, "app_name", "moray")),)
+
+
+def http_completion(served_app: Any, **body: Any) -> dict[str, Any]:
+    """The oracle: `/v1/completions` with vLLM's `return_token_ids` extension."""
+    payload = {"model": served_app.model_name, "return_token_ids": True, **body}
+    response = httpx.post(f"{served_app.http_url}/v1/completions", json=payload, timeout=TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    choice: dict[str, Any] = response.json()["choices"][0]
+    choice["usage"] = response.json()["usage"]
+    return choice
+
+
+def generate(stub: moray_pb2_grpc.MorayStub, metadata: Any, **fields: Any) -> moray_pb2.GenerateReply:
+    reply: moray_pb2.GenerateReply = stub.Generate(moray_pb2.GenerateRequest(**fields), metadata=metadata,
+                                                   timeout=TIMEOUT_S)
+    return reply
+
+
+def stream(stub: moray_pb2_grpc.MorayStub, metadata: Any, **fields: Any) -> list[moray_pb2.GenerateChunk]:
+    request = moray_pb2.GenerateRequest(**fields)
+    return list(stub.GenerateStream(request, metadata=metadata, timeout=TIMEOUT_S))
+
+
+def test_greedy_unary_equals_http(served_app: Any, stub: Any, metadata: Any) -> None:
+    http = http_completion(served_app, prompt=PROMPT, max_tokens=12, temperature=0.0)
+    reply = generate(stub, metadata, model=served_app.model_name, prompt=PROMPT, max_tokens=12,
+                     temperature=0.0)
+    assert reply.text == http["text"]
+    if "token_ids" in http:
+        assert list(reply.token_ids) == http["token_ids"]
+    assert len(reply.token_ids) == http["usage"]["completion_tokens"]
+    assert reply.finish_reason == http["finish_reason"]
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
+        http["usage"]["prompt_tokens"], http["usage"]["completion_tokens"])
+    assert reply.model == served_app.model_name
+
+
+def test_stream_concatenates_to_unary(served_app: Any, stub: Any, metadata: Any) -> None:
+    fields = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0.0}
+    reply = generate(stub, metadata, **fields)
+    chunks = stream(stub, metadata, **fields)
+    assert "".join(c.text for c in chunks) == reply.text
+    assert [c.token_id for c in chunks] == list(reply.token_ids)
+    assert [c.finish_reason for c in chunks[:-1]] == [""] * (len(chunks) - 1)
+    assert chunks[-1].finish_reason == reply.finish_reason
+    assert [c.HasField("usage") for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1].usage == reply.usage
+
+
+def test_seeded_sampling_and_token_prompt_equal_http(served_app: Any, stub: Any, metadata: Any) -> None:
+    ids = http_completion(served_app, prompt=PROMPT, max_tokens=1, temperature=0.0).get("prompt_token_ids")
+    options = {"max_tokens": 10, "temperature": 0.9, "top_p": 0.95, "seed": 1234}
+    http = http_completion(served_app, prompt=ids or PROMPT, **options)
+    prompt = {"prompt_token_ids": moray_pb2.TokenIds(ids=ids)} if ids else {"prompt": PROMPT}
+    assert generate(stub, metadata, **prompt, **options).text == http["text"]
+    assert "".join(c.text for c in stream(stub, metadata, **prompt, **options)) == http["text"]
+
+
+def test_logprobs_equal_http(served_app: Any, stub: Any, metadata: Any) -> None:
+    http = http_completion(served_app, prompt=PROMPT, max_tokens=6, temperature=0.0, logprobs=2)
+    reply = generate(stub, metadata, prompt=PROMPT, max_tokens=6, temperature=0.0, logprobs=2)
+    assert len(reply.logprobs) == len(reply.token_ids)
+    assert [lp.token_id for lp in reply.logprobs] == list(reply.token_ids)
+    expected = http["logprobs"]["token_logprobs"]
+    assert [lp.logprob for lp in reply.logprobs] == pytest.approx(expected, abs=1e-5)
+    assert all(len(lp.top_logprobs) == 2 for lp in reply.logprobs)
+    for lp in reply.logprobs:  # best first, and the chosen (greedy) token is the best
+        assert lp.top_logprobs[0].logprob >= lp.top_logprobs[1].logprob
+        assert lp.top_logprobs[0].logprob == pytest.approx(lp.logprob, abs=1e-6)
+
+
+BAD_REQUESTS: dict[str, dict[str, Any]] = {
+    "temperature-negative": {"prompt": PROMPT, "temperature": -1.0},
+    "max-tokens-zero": {"prompt": PROMPT, "max_tokens": 0},
+    "empty-prompt": {"prompt": ""},
+    "no-prompt": {},
+    "top-p-zero": {"prompt": PROMPT, "top_p": 0.0},
+    "too-many-stops": {"prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]},
+    "prompt-longer-than-context": {"prompt_token_ids": moray_pb2.TokenIds(ids=[1] * 100_000)},
+    "token-id-out-of-vocab": {"prompt_token_ids": moray_pb2.TokenIds(ids=[1, 10**9])},
+}
+
+
+@pytest.mark.parametrize("fields", list(BAD_REQUESTS.values()), ids=list(BAD_REQUESTS))
+def test_bad_arguments_are_invalid_argument(stub: Any, metadata: Any, fields: dict[str, Any]) -> None:
+    with pytest.raises(grpc.RpcError) as unary:
+        generate(stub, metadata, **fields)
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT, unary.value.details()
+    assert unary.value.details()
+    with pytest.raises(grpc.RpcError) as streamed:
+        stream(stub, metadata, **fields)
+    assert streamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, streamed.value.details()
+
+
+def test_unknown_model_is_not_found(stub: Any, metadata: Any) -> None:
+    for call in (generate, stream):
+        with pytest.raises(grpc.RpcError) as info:
+            call(stub, metadata, model="no-such-model", prompt=PROMPT)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "no-such-model" in info.value.details()
+
+
+def test_still_answers_after_errors(served_app: Any, stub: Any, metadata: Any) -> None:
+    for fields in BAD_REQUESTS.values():
+        with pytest.raises(grpc.RpcError):
+            generate(stub, metadata, **fields)
+    reply = generate(stub, metadata, prompt=PROMPT, max_tokens=4, temperature=0.0)
+    assert reply.usage.completion_tokens == len(reply.token_ids) > 0
+    assert httpx.get(f"{served_app.http_url}/health", timeout=TIMEOUT_S).status_code == 200
+
+
+# ---- API key -----------------------------------------------------------------------------------
+API_KEY = "sk-moray-grpc-test"
+
+
+@pytest.fixture(scope="module")
+def keyed_app(served_app: Any) -> Iterator[str]:
+    """A second app with an API key on the same Serve proxies (selected by `application` metadata)."""
+    from moray.deploy.app import build_app
+    from ray import serve
+
+    name = "moray-keyed"
+    config = served_app.config.model_copy(update={
+        "app_name": name, "api_key": API_KEY, "num_shards": 1, "max_num_seqs": 4, "max_batch_tokens": 64,
+        "dispatcher_cpus": 0.5})
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    yield name
+    serve.delete(name)
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", f"Basic {API_KEY}", "Bearer "],
+                         ids=["missing", "wrong", "not-bearer", "empty"])
+def test_api_key_required(stub: Any, keyed_app: str, authorization: str | None) -> None:
+    metadata = (("application", keyed_app),) + ((("authorization", authorization),) if authorization else ())
+    for call in (generate, stream):
+        with pytest.raises(grpc.RpcError) as info:
+            call(stub, metadata, prompt=PROMPT, max_tokens=2)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert API_KEY not in info.value.details()
+
+
+def test_api_key_accepted(stub: Any, metadata: Any, keyed_app: str) -> None:
+    keyed = (("application", keyed_app), ("authorization", f"Bearer {API_KEY}"))
+    fields = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0.0}
+    expected = generate(stub, metadata, **fields)  # the same checkpoint, served without a key
+    assert generate(stub, keyed, **fields).token_ids == expected.token_ids
+    assert "".join(c.text for c in stream(stub, keyed, **fields)) == expected.text
