@@ -88,7 +88,10 @@ METRICS: tuple[MetricSpec, ...] = (
 )
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
 
+MAX_ENDPOINTS = 32  # distinct `endpoint` label values per process; later ones are recorded as "other"
+
 _instances: dict[str, Metric] = {}
+_endpoints: set[str] = set()
 _lock = threading.Lock()
 
 
@@ -155,8 +158,22 @@ def observe(name: str, value: float, tags: Mapping[str, object] | None = None) -
 
 
 def record_request(status: int | str, endpoint: str) -> None:
-    """One finished request: `status` the HTTP code (or gRPC code name), `endpoint` e.g. '/v1/completions'."""
-    inc("moray_requests_total", 1, {"status": status, "endpoint": endpoint})
+    """One finished request: `status` the HTTP code (or gRPC code name), `endpoint` e.g. '/v1/completions'.
+
+    Endpoints may come from client-chosen paths: past `MAX_ENDPOINTS` distinct values they are
+    recorded as "other", so that a scan of random URLs cannot grow the series without bound.
+    """
+    inc("moray_requests_total", 1, {"status": status, "endpoint": _bounded_endpoint(endpoint)})
+
+
+def _bounded_endpoint(endpoint: str) -> str:
+    with _lock:
+        if endpoint in _endpoints:
+            return endpoint
+        if len(_endpoints) < MAX_ENDPOINTS:
+            _endpoints.add(endpoint)
+            return endpoint
+    return "other"
 
 
 def record_tokens(prompt_tokens: int, generation_tokens: int) -> None:

@@ -26,7 +26,8 @@ ENDPOINT = "/test/metrics-export"
 class Emitter:
     """Records every declared metric once through the public API, then stays alive to be scraped."""
 
-    def emit(self) -> None:
+    def emit(self) -> str:
+        """Records, and returns the id of the node whose metrics agent exports it."""
         metrics.record_request(200, ENDPOINT)
         metrics.record_request(429, ENDPOINT)
         metrics.record_tokens(prompt_tokens=7, generation_tokens=3)
@@ -37,6 +38,7 @@ class Emitter:
         metrics.observe_transport(SHARD, 0.003)
         for phase in metrics.STEP_PHASES:
             metrics.observe_step(phase, 0.001)
+        return ray.get_runtime_context().get_node_id()
 
 
 def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -51,10 +53,10 @@ def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 
 @pytest.fixture(scope="module")
-def scraped(ray_session: None) -> dict[str, list[tuple[dict[str, str], float]]]:
-    port = ray.nodes()[0]["MetricsExportPort"]
+def scraped(ray_session: object) -> dict[str, list[tuple[dict[str, str], float]]]:
     emitter = Emitter.remote()  # type: ignore[attr-defined]
-    ray.get(emitter.emit.remote())
+    node_id = ray.get(emitter.emit.remote())
+    (port,) = [n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == node_id]
     deadline = time.monotonic() + 90
     samples = scrape(port)
     while not exported_names() <= set(samples) and time.monotonic() < deadline:
@@ -117,6 +119,14 @@ def test_wrong_use_is_an_error() -> None:
         metrics.inc("moray_prompt_tokens_total", -1)
     with pytest.raises(ValueError):
         metrics.observe_step("decode", 0.1)
+
+
+def test_endpoint_label_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "_endpoints", set())
+    seen = [metrics._bounded_endpoint(f"/scan/{i}") for i in range(metrics.MAX_ENDPOINTS + 5)]
+    assert seen[: metrics.MAX_ENDPOINTS] == [f"/scan/{i}" for i in range(metrics.MAX_ENDPOINTS)]
+    assert set(seen[metrics.MAX_ENDPOINTS:]) == {"other"}
+    assert metrics._bounded_endpoint("/scan/0") == "/scan/0"  # known values stay themselves
 
 
 def test_nothing_created_at_import() -> None:
