@@ -320,3 +320,29 @@ def test_planner_is_near_the_exhaustive_optimum() -> None:
         load = rng.integers(1, 20, size=experts).astype(np.float64)
         got = imbalance(plan_placement(load[None], gpus, redundant=0), load[None])
         assert got <= 1.07 * best_packing_ratio(load, gpus, -(-experts // gpus))
+
+
+@pytest.mark.parametrize("loads", [None, [3.0, 0.0, 1.0]])
+def test_routed_shards_recombine_to_the_reference_moe(loads: list[float] | None) -> None:
+    """The expert-call contract with redundant copies: route, split per shard, each shard's bank computes
+    its part, the parts add up to the slow reference MoE (every (token, expert) served exactly once)."""
+    from moray.model.experts import ExpertBank, reference_moe, split_by_shard
+
+    g = torch.Generator().manual_seed(0)
+    experts, dim, hidden, tokens = 6, 16, 24, 50
+    weights = {f"layers.0.experts.{e}.{w}": torch.randn(shape, generator=g) / 4 for e in range(experts)
+               for w, shape in (("w1", (hidden, dim)), ("w3", (hidden, dim)), ("w2", (dim, hidden)))}
+    p = Placement(slots=(((0, 1, 2),), ((0, 3, 4),), ((0, 1, 5),)))  # expert 0 thrice, expert 1 twice
+    x = torch.randn(tokens, dim, generator=g)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:2] for _ in range(tokens)])  # [T, 2]
+    ids[::2, 0] = 0
+    ids[::2, 1] = torch.where(ids[::2, 1] == 0, 1, ids[::2, 1])
+    gates = torch.softmax(torch.randn(tokens, 2, generator=g), dim=-1)
+    shard_of = p.route(0, ids, loads)
+    y = torch.zeros_like(x)
+    for s, (rows, part_ids, part_gates) in enumerate(split_by_shard(ids, gates, shard_of, p.num_shards)):
+        if len(rows):
+            bank = ExpertBank.from_weights(weights, 0, p.shard_experts(s)[0], experts)
+            y.index_add_(0, rows, bank(x[rows], part_ids, part_gates))
+    torch.testing.assert_close(y, reference_moe(x, ids, gates, weights, 0, experts))
+    assert len(set(shard_of[ids == 0].tolist())) == 3  # the hot expert really was spread
