@@ -166,15 +166,19 @@ class Placement:
         copy k % c (even split); with per-shard `loads`, its tokens split over the copies in
         proportion to `inverse_load_weights` of the owners' loads, in contiguous runs.
         """
+        if loads is not None and len(loads) != self.num_shards:
+            raise ValueError(f"loads has {len(loads)} entries, the placement has {self.num_shards} shards")
         table, counts = self._tables
         flat = expert_ids.reshape(-1).to(torch.long).cpu()  # [T*A]
         valid = flat >= 0
         e = flat.clamp(min=0)
         owners, cnt = table[layer][e], counts[layer][e]  # [N, C], [N]
-        rank = _occurrence_rank(torch.where(valid, flat, -1))  # [N]
-        if loads is None or table.shape[-1] == 1:
-            copy = rank % cnt.clamp(min=1)
+        if table.shape[-1] == 1:  # one copy of every expert (the default): a lookup
+            copy = torch.zeros_like(flat)
+        elif loads is None:
+            copy = _occurrence_rank(torch.where(valid, flat, -1)) % cnt.clamp(min=1)
         else:
+            rank = _occurrence_rank(torch.where(valid, flat, -1))  # [N]
             copy = _weighted_copy(owners, cnt, rank, torch.where(valid, flat, 0), valid, loads)
         shard = owners.gather(1, copy.unsqueeze(1)).squeeze(1)
         return torch.where(valid, shard, -1).reshape(expert_ids.shape).to(expert_ids.device)
