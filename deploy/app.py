@@ -1,0 +1,119 @@
+"""The Serve application: expert-shard deployments, a dispatcher deployment, the OpenAI/gRPC ingress.
+
+    openai-ingress (HTTP + gRPC) ──► dispatcher (engine, attention; N replicas) ──► expert-shard-{g}
+
+Every dispatcher replica gets handles to the same shard deployments, so attention scales apart
+from the experts. `build_app` is also what KubeRay's `serveConfigV2` imports
+(`import_path: moray.deploy.app:build_app`, `args:` = `ServerConfig` fields).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from moray.actors.placement import Placement
+from moray.deploy.config import ServerConfig
+from moray.model.config import MixtralConfig
+from moray.model.engine import EngineConfig
+
+log = logging.getLogger(__name__)
+
+SHARD_OPTIONS: dict[str, Any] = {"max_ongoing_requests": 64, "graceful_shutdown_timeout_s": 5.0,
+                                 "health_check_period_s": 5.0}
+DISPATCHER_OPTIONS: dict[str, Any] = {"graceful_shutdown_timeout_s": 5.0, "health_check_period_s": 5.0}
+INGRESS_OPTIONS: dict[str, Any] = {"name": "openai-ingress", "max_ongoing_requests": 2000,
+                                   "graceful_shutdown_timeout_s": 5.0, "ray_actor_options": {"num_cpus": 0}}
+HEALTH_MARGIN = 16  # dispatcher calls beyond the engine's own limits: stats, health checks
+
+
+def model_dir(config: ServerConfig) -> str:
+    """The checkpoint directory; no `model`: the embedded tiny model (made on first use)."""
+    if config.model:
+        return str(Path(config.model).expanduser())
+    from moray.model.tiny import default_model_dir
+
+    return str(default_model_dir(seed=config.tiny_seed))
+
+
+def engine_config(config: ServerConfig) -> EngineConfig:
+    return EngineConfig(max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens,
+                        max_model_len=config.max_model_len, block_size=config.block_size,
+                        max_waiting=config.max_waiting, pingpong=config.pingpong)
+
+
+def placement(config: ServerConfig, model: MixtralConfig) -> Placement:
+    """The placement file, or experts dealt round-robin over `num_shards`; checked against the model."""
+    if config.placement:
+        plan = Placement.load(config.placement)
+    else:
+        plan = Placement.round_robin(model.n_layers, model.n_experts, config.num_shards)
+    plan.validate(model.n_layers, model.n_experts)
+    return plan
+
+
+def _gpus(config: ServerConfig) -> dict[str, Any]:
+    return {"num_gpus": 1} if config.resolved_device() == "cuda" else {}
+
+
+def _shard_scaling(config: ServerConfig) -> dict[str, Any]:
+    if not config.autoscaling:
+        return {"num_replicas": config.shard_min_replicas}
+    from moray.deploy.autoscaling import autoscaling_config
+
+    kwargs = {"target_tokens_per_s": config.target_tokens_per_replica_s,
+              "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s}
+    return {"autoscaling_config": autoscaling_config(
+        "tokens", min_replicas=config.shard_min_replicas, max_replicas=config.shard_max_replicas,
+        policy_kwargs=kwargs)}
+
+
+def _dispatcher_scaling(config: ServerConfig) -> dict[str, Any]:
+    limits = {"max_ongoing_requests": config.max_num_seqs + config.max_waiting + HEALTH_MARGIN,
+              "max_queued_requests": max(config.max_waiting, 1)}
+    if not config.autoscaling:
+        return {**limits, "num_replicas": config.dispatcher_replicas}
+    from moray.deploy.autoscaling import autoscaling_config
+
+    kwargs = {"target_seqs_per_replica": config.target_seqs_per_dispatcher,
+              "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s}
+    return {**limits, "autoscaling_config": autoscaling_config(
+        "sequences", min_replicas=config.dispatcher_replicas, max_replicas=config.dispatcher_max_replicas,
+        policy_kwargs=kwargs)}
+
+
+def build_app(args: dict[str, Any] | ServerConfig) -> Any:
+    """The moray Serve application for `args` (a `ServerConfig` or its fields as a dict)."""
+    from moray.actors.dispatcher import Dispatcher
+    from moray.actors.experts import ExpertShard
+    from moray.deploy.openai import OpenAIIngress
+    from ray import serve
+
+    config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
+    path, device = model_dir(config), config.resolved_device()
+    dtype = str(config.resolved_dtype()).removeprefix("torch.")
+    plan = placement(config, MixtralConfig.load(path))
+    shard: Any = serve.deployment(ExpertShard, **SHARD_OPTIONS, **_shard_scaling(config))
+    shards = [shard.options(name=f"expert-shard-{g}",
+                            ray_actor_options={"num_cpus": config.shard_cpus, **_gpus(config)})
+              .bind(path, g, plan.shard_experts(g), dtype=dtype, device=device)
+              for g in range(plan.num_shards)]
+    dispatcher: Any = serve.deployment(Dispatcher, name="dispatcher", **DISPATCHER_OPTIONS,
+                                  ray_actor_options={"num_cpus": config.dispatcher_cpus, **_gpus(config)},
+                                  **_dispatcher_scaling(config))
+    ingress: Any = serve.deployment(serve.ingress()(OpenAIIngress), **INGRESS_OPTIONS)
+    log.info("moray app: model %s, %d expert shards, %d dispatcher replica(s), device %s, dtype %s",
+             path, plan.num_shards, config.dispatcher_replicas, device, dtype)
+    engine = dispatcher.bind(path, plan, shards, engine_config(config), dtype=dtype, device=device)
+    return ingress.bind(engine, config, path)
+
+
+def run_app(config: ServerConfig, blocking: bool = False, proxy_location: str = "EveryNode") -> Any:
+    """Start Serve's HTTP and gRPC proxies on the config's ports and deploy the app at route `/`."""
+    from moray.deploy.grpc import grpc_options
+    from ray import serve
+
+    serve.start(proxy_location=proxy_location, http_options={"host": config.host, "port": config.port},
+                grpc_options=grpc_options(config.grpc_port))
+    return serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=blocking)

@@ -1,0 +1,384 @@
+"""The OpenAI-compatible HTTP API, driven by the official `openai` client and raw HTTP.
+
+Oracles: the in-process model (every expert local, `oracle` fixture) for tokens, text and
+log-probs; the `openai` client's parsing and error classes for the wire format; non-streamed
+responses for streamed ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from moray.model.config import MixtralConfig
+from moray.model.engine import GenerateRequest, TokenEvent
+from moray.model.sampling import SamplingParams
+from moray.model.tokenizer import Tokenizer
+
+Oracle = Any  # conftest's `oracle` fixture: requests -> each one's events, run alone in process
+ServedApp = Any  # conftest's `served_app` fixture
+Readme = Any  # conftest's `readme` fixture: example name -> code
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "In 1905, a clerk in Bern"]
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+EXTRA = {"ignore_eos": True, "return_token_ids": True}
+TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def client(served_app: ServedApp) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served_app.base_url, api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir: Path) -> Tokenizer:
+    return Tokenizer.from_model_dir(tiny_dir)
+
+
+def greedy(max_tokens: int, logprobs: int | None = None) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs)
+
+
+def ids(events: list[TokenEvent]) -> list[int]:
+    return [e.token_id for e in events]
+
+
+def text(events: list[TokenEvent]) -> str:
+    return "".join(e.text for e in events)
+
+
+def post(app: ServedApp, path: str, body: Any, **kw: Any) -> httpx.Response:
+    return httpx.post(f"{app.base_url}{path}", json=body, timeout=TIMEOUT_S, **kw)
+
+
+# ---- parity with the in-process model -----------------------------------------------------------------
+def test_models_lists_the_served_model(client: openai.OpenAI, served_app: ServedApp) -> None:
+    assert [m.id for m in client.models.list().data] == [served_app.model_name]
+
+
+def test_greedy_completion_equals_in_process(client: openai.OpenAI, served_app: ServedApp, oracle: Oracle,
+                                             tokenizer: Tokenizer) -> None:
+    wants = oracle([GenerateRequest(tokenizer.encode(p, bos=True), greedy(12, 3)) for p in PROMPTS])
+    for prompt, want in zip(PROMPTS, wants, strict=True):
+        r = client.completions.create(model=served_app.model_name, prompt=prompt, max_tokens=12,
+                                      temperature=0, logprobs=3, extra_body=EXTRA)
+        choice = r.choices[0]
+        assert choice.token_ids == ids(want)  # type: ignore[attr-defined]
+        assert choice.text == text(want)
+        assert choice.finish_reason == "length"
+        assert r.usage is not None
+        prompt_len = len(tokenizer.encode(prompt, bos=True))
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_len, 12)
+        assert choice.logprobs is not None and choice.logprobs.token_logprobs is not None
+        assert choice.logprobs.token_logprobs == pytest.approx([e.logprob for e in want], abs=1e-4)
+        assert choice.logprobs.tokens == [tokenizer.token_text(e.token_id) for e in want]
+        for got, e in zip(choice.logprobs.top_logprobs or [], want, strict=True):
+            expected = {tokenizer.token_text(t): lp for t, lp in e.top_logprobs or []}
+            expected[tokenizer.token_text(e.token_id)] = e.logprob
+            assert got.keys() == expected.keys()
+            assert list(got.values()) == pytest.approx(list(expected.values()), abs=1e-4)
+
+
+def test_token_id_prompt_and_batch_equal_single_text_prompts(client: openai.OpenAI, served_app: ServedApp,
+                                                              tokenizer: Tokenizer) -> None:
+    singles = [client.completions.create(model=served_app.model_name, prompt=p, max_tokens=6, temperature=0,
+                                         extra_body=EXTRA).choices[0].text for p in PROMPTS[:2]]
+    as_ids = [tokenizer.encode(p, bos=True) for p in PROMPTS[:2]]
+    batch = client.completions.create(model=served_app.model_name, prompt=as_ids, max_tokens=6, temperature=0,
+                                      extra_body=EXTRA)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert [c.text for c in batch.choices] == singles
+    assert batch.usage is not None and batch.usage.prompt_tokens == sum(len(i) for i in as_ids)
+
+
+def test_chat_greedy_equals_in_process(client: openai.OpenAI, served_app: ServedApp, oracle: Oracle,
+                                       tokenizer: Tokenizer) -> None:
+    prompt = tokenizer.encode_chat(MESSAGES)
+    want = oracle([GenerateRequest(prompt, greedy(10, 2))])[0]
+    r = client.chat.completions.create(model=served_app.model_name, messages=MESSAGES,  # type: ignore[arg-type]
+                                       max_tokens=10, temperature=0, logprobs=True, top_logprobs=2,
+                                       extra_body=EXTRA)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == text(want)
+    assert choice.token_ids == ids(want)  # type: ignore[attr-defined]
+    assert r.usage is not None and r.usage.prompt_tokens == len(prompt)
+    content = choice.logprobs.content if choice.logprobs else None
+    assert content is not None and len(content) == len(want)
+    for got, e in zip(content, want, strict=True):
+        assert got.token == tokenizer.token_text(e.token_id)
+        assert got.bytes == list(got.token.encode())
+        assert got.logprob == pytest.approx(e.logprob, abs=1e-4)
+        top = e.top_logprobs or []
+        assert [t.token for t in got.top_logprobs] == [tokenizer.token_text(t) for t, _ in top]
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx([lp for _, lp in top], abs=1e-4)
+
+
+# ---- sampling options ---------------------------------------------------------------------------------
+SEEDED = {"max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "seed": 7}
+
+
+def test_streamed_completion_equals_non_streamed(client: openai.OpenAI, served_app: ServedApp) -> None:
+    full = client.completions.create(model=served_app.model_name, prompt=PROMPTS[0], **SEEDED)
+    chunks = list(client.completions.create(model=served_app.model_name, prompt=PROMPTS[0], stream=True,
+                                            **SEEDED))
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == full.choices[0].finish_reason
+    assert all(c.usage is None for c in chunks)
+
+
+def test_streamed_chat_equals_non_streamed(client: openai.OpenAI, served_app: ServedApp) -> None:
+    full = client.chat.completions.create(model=served_app.model_name, messages=MESSAGES,  # type: ignore[arg-type]
+                                          **SEEDED)
+    chunks = list(client.chat.completions.create(model=served_app.model_name, messages=MESSAGES,  # type: ignore
+                                                 stream=True, **SEEDED))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_include_usage_sends_a_last_usage_chunk(client: openai.OpenAI, served_app: ServedApp) -> None:
+    full = client.chat.completions.create(model=served_app.model_name, messages=MESSAGES,  # type: ignore[arg-type]
+                                          **SEEDED)
+    chunks = list(client.chat.completions.create(model=served_app.model_name, messages=MESSAGES,  # type: ignore
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 **SEEDED))
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    assert all(c.usage is None and c.choices for c in chunks[:-1])
+
+
+def test_sse_wire_format(served_app: ServedApp) -> None:
+    """`data: {json}` events separated by blank lines, ending `data: [DONE]`, as OpenAI sends them."""
+    body = {"prompt": PROMPTS[1], "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    r = post(served_app, "/completions", body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = r.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: {") for e in events[:-2])
+    assert {p["object"] for p in payloads} == {"text_completion"}
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 5
+    assert all(p["usage"] is None for p in payloads[:-1])
+
+
+def test_stop_strings_end_the_text_before_them(client: openai.OpenAI, served_app: ServedApp) -> None:
+    opts: dict[str, Any] = {"model": served_app.model_name, "prompt": PROMPTS[2], "max_tokens": 24,
+                            "temperature": 0, "extra_body": EXTRA}
+    full = client.completions.create(**opts).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip(), f"the tiny model's text has no usable middle: {full!r}"
+    cut = client.completions.create(**opts, stop=[stop, "\x00never"]).choices[0]
+    assert cut.text == full[: full.index(stop)]
+    assert cut.finish_reason == "stop"
+    streamed = client.completions.create(**opts, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.text
+
+
+def test_n_choices_are_seed_plus_i(client: openai.OpenAI, served_app: ServedApp) -> None:
+    opts: dict[str, Any] = {"model": served_app.model_name, "prompt": PROMPTS[0], "max_tokens": 8,
+                            "temperature": 1.0}
+    both = client.completions.create(**opts, n=2, seed=11)
+    singles = [client.completions.create(**opts, seed=11 + i) for i in range(2)]
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.text for c in both.choices] == [s.choices[0].text for s in singles]
+    assert both.usage is not None and singles[0].usage is not None
+    assert both.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert both.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles if s.usage)
+
+
+def test_echo_prepends_the_prompt(client: openai.OpenAI, served_app: ServedApp) -> None:
+    opts: dict[str, Any] = {"model": served_app.model_name, "prompt": PROMPTS[1], "max_tokens": 5,
+                            "temperature": 0}
+    plain = client.completions.create(**opts).choices[0].text
+    assert client.completions.create(**opts, echo=True).choices[0].text == PROMPTS[1] + plain
+
+
+def test_request_id_is_propagated(served_app: ServedApp) -> None:
+    r = post(served_app, "/completions", {"prompt": "hi", "max_tokens": 2},
+             headers={"X-Request-Id": "e2e-id.42"})
+    assert r.status_code == 200
+    assert r.headers.get_list("x-request-id") == ["e2e-id.42"]
+    assert r.json()["id"] == "cmpl-e2e-id.42"
+    fresh = post(served_app, "/completions", {"prompt": "hi", "max_tokens": 2})
+    assert len(fresh.headers.get_list("x-request-id")) == 1
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+def error_cases(app: ServedApp) -> dict[str, tuple[str, Any, int, str | None]]:
+    """name -> (path, body, status, param); body bytes are sent raw."""
+    ctx, limit = MixtralConfig.load(app.model_dir).max_seq_len, app.config.max_tokens_limit
+    return {
+        "malformed-json": ("/completions", b'{"prompt": "x",', 400, None),
+        "not-an-object": ("/completions", [1, 2], 400, None),
+        "missing-prompt": ("/completions", {"max_tokens": 3}, 400, "prompt"),
+        "wrong-type": ("/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+        "temperature-negative": ("/completions", {"prompt": "x", "temperature": -0.5}, 400, "temperature"),
+        "max-tokens-zero": ("/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        "max-tokens-over-limit": ("/completions", {"prompt": "x", "max_tokens": limit + 1}, 400,
+                                  "max_tokens"),
+        "n-over-limit": ("/completions", {"prompt": "x", "n": app.config.max_n + 1}, 400, "n"),
+        "five-stops": ("/completions", {"prompt": "x", "stop": list("abcde")}, 400, "stop"),
+        "logprobs-over-5": ("/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs"),
+        "prompt-over-context": ("/completions", {"prompt": [5] * ctx, "max_tokens": 4}, 400, None),
+        "prompt-over-context-streamed": ("/completions", {"prompt": [5] * ctx, "stream": True}, 400, None),
+        "token-out-of-vocab": ("/completions", {"prompt": [1, 10**7]}, 400, None),
+        "empty-prompt": ("/completions", {"prompt": []}, 400, "prompt"),
+        "chat-no-messages": ("/chat/completions", {"messages": []}, 400, "messages"),
+        "chat-bad-role": ("/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400,
+                          "messages"),
+        "chat-top-logprobs-alone": ("/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, 400,
+                                    "top_logprobs"),
+        "unknown-model": ("/completions", {"prompt": "x", "model": "gpt-9"}, 404, "model"),
+        "unknown-route": ("/nowhere", {"prompt": "x"}, 404, None),
+        "body-too-large": ("/completions", {"prompt": "x" * (app.config.max_body_bytes + 10)}, 413, None),
+    }
+
+
+ERROR_NAMES = ["malformed-json", "not-an-object", "missing-prompt", "wrong-type", "temperature-negative",
+               "max-tokens-zero", "max-tokens-over-limit", "n-over-limit", "five-stops", "logprobs-over-5",
+               "prompt-over-context", "prompt-over-context-streamed", "token-out-of-vocab", "empty-prompt",
+               "chat-no-messages", "chat-bad-role", "chat-top-logprobs-alone", "unknown-model",
+               "unknown-route", "body-too-large"]
+
+
+@pytest.mark.parametrize("name", ERROR_NAMES)
+def test_errors_are_openai_json_with_the_right_status(served_app: ServedApp, name: str) -> None:
+    path, body, status, param = error_cases(served_app)[name]
+    if isinstance(body, bytes):
+        r = httpx.post(f"{served_app.base_url}{path}", content=body, timeout=TIMEOUT_S,
+                       headers={"content-type": "application/json"})
+    else:
+        r = post(served_app, path, body)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status and error["message"] and isinstance(error["type"], str)
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_openai_client_raises_its_error_classes(client: openai.OpenAI, served_app: ServedApp) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=served_app.model_name, prompt="x", temperature=-1)
+    assert bad.value.status_code == 400
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)  # type: ignore[arg-type]
+
+
+def test_unknown_fields_are_ignored(served_app: ServedApp) -> None:
+    r = post(served_app, "/completions", {"prompt": "x", "max_tokens": 2, "frobnicate": {"a": [1]},
+                                          "presence_penalty": 0.0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_server_still_answers_after_errors(client: openai.OpenAI, served_app: ServedApp) -> None:
+    for path, body, _, _ in error_cases(served_app).values():
+        if not isinstance(body, bytes):
+            post(served_app, path, body)
+    assert httpx.get(f"{served_app.http_url}/health", timeout=TIMEOUT_S).status_code == 200
+    r = client.completions.create(model=served_app.model_name, prompt="ok", max_tokens=3, temperature=0)
+    assert r.usage is not None and r.usage.completion_tokens == 3 or r.choices[0].finish_reason == "stop"
+
+
+def test_a_full_queue_answers_429_with_retry_after(served_app: ServedApp) -> None:
+    cfg = served_app.config
+    flood = cfg.max_num_seqs + cfg.max_waiting + 48
+
+    async def one(http: httpx.AsyncClient, i: int) -> httpx.Response:
+        body = {"prompt": [1, 100 + i], "max_tokens": 96, "temperature": 0, "ignore_eos": True}
+        return await http.post(f"{served_app.base_url}/completions", json=body)
+
+    async def all_at_once() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=flood)
+        async with httpx.AsyncClient(timeout=TIMEOUT_S * 2, limits=limits) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(flood)))
+
+    responses = asyncio.run(all_at_once())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) > 0 and statuses.count(200) >= cfg.max_num_seqs
+    for r in responses:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] and r.json()["error"]["code"] == 429
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 96
+
+
+# ---- concurrency and cancellation ---------------------------------------------------------------------
+def test_32_concurrent_streams_are_each_right(served_app: ServedApp, oracle: Oracle) -> None:
+    prompts = [[1, 200 + 37 * i, 300 + i, 4000 + 11 * i] for i in range(32)]
+    wants = oracle([GenerateRequest(p, greedy(10)) for p in prompts])
+    aclient = openai.AsyncOpenAI(base_url=served_app.base_url, api_key="unused", max_retries=0,
+                                 timeout=TIMEOUT_S)
+
+    async def one(p: list[int]) -> tuple[str, list[int]]:
+        stream = await aclient.completions.create(model=served_app.model_name, prompt=p, max_tokens=10,
+                                                  temperature=0, stream=True, extra_body=EXTRA)
+        pieces, token_ids = [], []
+        async for chunk in stream:
+            pieces.append(chunk.choices[0].text)
+            token_ids = getattr(chunk.choices[0], "token_ids", None) or token_ids
+        return "".join(pieces), token_ids
+
+    async def all_together() -> list[tuple[str, list[int]]]:
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    for (got_text, got_ids), want in zip(asyncio.run(all_together()), wants, strict=True):
+        assert got_ids == ids(want)
+        assert got_text == text(want)
+
+
+def engine_stats(app: ServedApp) -> dict[str, Any]:
+    r = httpx.get(f"{app.base_url}/moray/status", timeout=TIMEOUT_S)
+    assert r.status_code == 200, r.text
+    stats: dict[str, Any] = r.json()["dispatcher"]
+    return stats
+
+
+def test_a_client_that_disconnects_frees_its_slot(served_app: ServedApp) -> None:
+    import time
+
+    ctx = MixtralConfig.load(served_app.model_dir).max_seq_len
+    body = {"prompt": [1, 42], "max_tokens": ctx - 4, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{served_app.base_url}/completions", json=body, timeout=TIMEOUT_S) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert engine_stats(served_app)["running"] >= 1
+    gone = time.monotonic()
+    while engine_stats(served_app)["running"] > 0:
+        assert time.monotonic() - gone < 10.0, "the cancelled request still holds its slot"
+        time.sleep(0.2)
+    assert engine_stats(served_app)["waiting"] == 0
+
+
+def test_status_lists_every_deployment(served_app: ServedApp) -> None:
+    status = httpx.get(f"{served_app.base_url}/moray/status", timeout=TIMEOUT_S).json()
+    deployments = status["deployments"]
+    assert {"openai-ingress", "dispatcher", "expert-shard-0", "expert-shard-1"} <= set(deployments)
+    assert deployments["expert-shard-1"]["replicas"].get("RUNNING") == 1
+
+
+# ---- the README's examples run as shown -------------------------------------------------------------------
+def test_readme_curl_examples(readme: Readme) -> None:
+    for name in ("curl-completion", "curl-chat-stream"):
+        script = readme(name)
+        out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=TIMEOUT_S,
+                             env={"PATH": "/usr/bin:/bin", "MORAY_API_KEY": ""})
+        assert out.returncode == 0, out.stderr
+        if name == "curl-completion":
+            assert json.loads(out.stdout)["choices"][0]["text"] is not None
+        else:
+            assert out.stdout.rstrip().endswith("data: [DONE]")
+
+
+def test_readme_openai_example(readme: Readme, capsys: pytest.CaptureFixture[str]) -> None:
+    exec(compile(readme("openai-client"), "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()
