@@ -1,12 +1,17 @@
 """Batched token sampling: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
 
 One call samples every sequence of an engine step at once: no Python loop over sequences or over
-the vocabulary. Randomness is counter-based: the uniform noise for vocabulary entry v of a row is
-a pure function of (seed, step, v) — SplitMix64 (Steele et al., "Fast splittable pseudorandom number
-generators", 2014) evaluated with int64 tensor ops — so a request's tokens depend only on its seed
-and its logits, never on which other requests share the batch, and no `torch.Generator` is kept per
-row. The draw itself is the exponential race (Gumbel-max): argmax_v (logit_v / T + Gumbel_v) picks v
-with probability softmax(logit / T)_v, restricted to the tokens that survive top-k and top-p.
+the vocabulary. Randomness is counter-based: each row's uniform u is a pure function of (seed, step)
+— SplitMix64 (Steele et al., "Fast splittable pseudorandom number generators", 2014) evaluated with
+int64 tensor ops — so a request's tokens depend only on its seed and its logits, never on which other
+requests share the batch, and no `torch.Generator` is kept per row. The draw is by inverse CDF: the
+first token whose cumulative probability exceeds u. (A Gumbel-max race needs a hashed uniform per
+vocabulary entry: measured ~20x the cost of the softmax and cumsum here, 56 ms for 32 x 32000 on
+one core, for the same distribution and the same batch independence.)
+
+Top-k and top-p work on candidates sorted best first: `topk` when every row has a top-k, else the
+best `NUCLEUS_PREFIX` tokens when they hold every row's nucleus, else a full sort. Rows with neither
+skip the sorting.
 
 Logprobs are the log-softmax of the raw logits (temperature 1, before top-k/top-p), as vLLM reports
 them by default.
@@ -83,10 +88,12 @@ class SamplingTensors:
     def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int],
                     device: torch.device | str = "cpu") -> SamplingTensors:
         if not len(params) == len(seeds) == len(steps):
-            raise ValueError(f"params, seeds and steps differ in length: {len(params)}, {len(seeds)}, {len(steps)}")
+            lengths = f"{len(params)}, {len(seeds)}, {len(steps)}"
+            raise ValueError(f"params, seeds and steps differ in length: {lengths}")
         floats = torch.tensor([[p.temperature, p.top_p] for p in params], dtype=torch.float32).view(-1, 2)
-        ints = torch.tensor([[p.top_k, _int64(s), _int64(t)] for p, s, t in zip(params, seeds, steps)],
-                            dtype=torch.int64).view(-1, 3)
+        rows = zip(params, seeds, steps, strict=True)
+        ints = torch.tensor([[p.top_k, _int64(s), _int64(t)] for p, s, t in rows], dtype=torch.int64)
+        ints = ints.view(-1, 3)
         floats, ints = floats.to(device), ints.to(device)
         return cls(floats[:, 0], floats[:, 1], ints[:, 0], ints[:, 1], ints[:, 2])
 
@@ -109,6 +116,7 @@ def _int64(value: int) -> int:
 
 
 _GOLDEN_S, _MIX1_S, _MIX2_S = _int64(_GOLDEN), _int64(_MIX1), _int64(_MIX2)
+NUCLEUS_PREFIX = 1024  # top-p first looks for the nucleus among this many best tokens (a full sort is slow)
 
 
 def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -123,45 +131,76 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """u[b, v] in (0, 1), a pure function of (seeds[b], steps[b], v): [B] x [B] -> [B, V] float32."""
-    stream = _mix64(_mix64(seeds + _GOLDEN_S) + steps * _GOLDEN_S)  # [B]: one stream per (seed, step)
-    counter = torch.arange(1, vocab + 1, dtype=torch.int64, device=seeds.device) * _GOLDEN_S  # [V]
-    bits = _shr(_mix64(stream[:, None] + counter[None, :]), 40)  # [B, V]: top 24 bits
-    return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+def uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """u[b] in (0, 1), a pure function of (seeds[b], steps[b]): [B] int64 x [B] int64 -> [B] float64."""
+    bits = _shr(_mix64(_mix64(seeds + _GOLDEN_S) + steps * _GOLDEN_S), 11)  # [B]: 53 random bits
+    return (bits.to(torch.float64) + 0.5) * 2.0**-53
 
 
-def _mask_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Keep each row's top_k largest logits (0 = all): [B, V] -> [B, V] with the rest at -inf."""
-    vocab = logits.shape[-1]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)  # [B]
-    kth = logits.topk(int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])  # [B, 1]
-    return logits.masked_fill(logits < kth, float("-inf"))
+def _draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw from softmax(logits) [B, C] (-inf = excluded) with one uniform u [B] per row.
+
+    The first position whose cumulative probability exceeds u: never an excluded (zero) entry.
+    """
+    cdf = logits.softmax(dim=-1).to(torch.float64).cumsum(dim=-1)  # [B, C]
+    pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # [B, 1]
+    return pos.clamp(max=logits.shape[-1] - 1).squeeze(-1)
 
 
-def _mask_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches top_p: [B, V] -> [B, V]."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # [B, V]: probability of the better tokens
-    drop_sorted = (mass_before >= top_p[:, None]) & (top_p < 1)[:, None]  # the best token always stays
-    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+def _candidate_width(scaled: torch.Tensor, t: SamplingTensors) -> int:
+    """How many best tokens per row hold every row's top-k and top-p survivors (V = all of them)."""
+    vocab = scaled.shape[-1]
+    width = int(t.top_k.max().clamp(max=vocab)) if bool((t.top_k > 0).all()) else vocab
+    if width < vocab or NUCLEUS_PREFIX >= vocab:
+        return width
+    # Rows with top-p alone: is the nucleus inside the best NUCLEUS_PREFIX tokens? (Usually, for a
+    # trained model; rarely for a random one, where a full sort follows.)
+    prefix = max(NUCLEUS_PREFIX, int(t.top_k.max()))
+    best = scaled.topk(min(prefix, vocab), dim=-1).values  # [B, prefix]
+    mass = (best - scaled.logsumexp(dim=-1, keepdim=True)).exp().sum(dim=-1)  # [B]
+    covered = (t.top_k > 0) | (mass >= t.top_p)
+    return min(prefix, vocab) if bool(covered.all()) else vocab
 
 
-def _sample_random(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """Temperature, top-k, top-p, then the Gumbel-max draw: [B, V] -> [B] int64."""
-    scaled = logits / t.temperature[:, None]  # [B, V]
-    if bool((t.top_k > 0).any()):
-        scaled = _mask_top_k(scaled, t.top_k)
-    if bool((t.top_p < 1).any()):
-        scaled = _mask_top_p(scaled, t.top_p)
-    gumbel = -torch.log(-torch.log(uniform_noise(t.seeds, t.steps, logits.shape[-1])))  # [B, V]
-    return (scaled + gumbel).argmax(dim=-1)
+def _mask_sorted(best: torch.Tensor, scaled: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Apply top-k, then top-p (on the top-k-renormalized distribution) to sorted candidates [B, C]."""
+    position = torch.arange(best.shape[-1], device=best.device)  # [C]
+    best = best.masked_fill((t.top_k[:, None] > 0) & (position[None, :] >= t.top_k[:, None]), float("-inf"))
+    lse = torch.where(t.top_k > 0, best.logsumexp(dim=-1), scaled.logsumexp(dim=-1))  # [B]
+    probs = (best - lse[:, None]).exp()  # [B, C]
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the better candidates
+    drop = (mass_before >= t.top_p[:, None]) & (t.top_p < 1)[:, None]  # the best token always stays
+    return best.masked_fill(drop, float("-inf"))
+
+
+def _sample_filtered(scaled: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Rows with top-k and/or top-p: draw among the sorted survivors: [B, V] -> [B] int64."""
+    width = _candidate_width(scaled, t)
+    if width < scaled.shape[-1]:
+        best, ids = scaled.topk(width, dim=-1)  # [B, C], best first
+    else:
+        best, ids = scaled.sort(dim=-1, descending=True)
+    pos = _draw(_mask_sorted(best, scaled, t), uniform(t.seeds, t.steps))  # [B]
+    return ids.gather(-1, pos[:, None]).squeeze(-1)
 
 
 def _rows(t: SamplingTensors, rows: torch.Tensor) -> SamplingTensors:
     return SamplingTensors(t.temperature[rows], t.top_p[rows], t.top_k[rows], t.seeds[rows], t.steps[rows])
+
+
+def _sample_random(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Temperature-scaled draws; rows without top-k/top-p skip the sorting: [B, V] -> [B] int64."""
+    scaled = logits / t.temperature[:, None]  # [B, V]
+    filtered = (t.top_k > 0) | (t.top_p < 1)  # [B]
+    if not bool(filtered.any()):
+        return _draw(scaled, uniform(t.seeds, t.steps))
+    if bool(filtered.all()):
+        return _sample_filtered(scaled, t)
+    plain, rest = (~filtered).nonzero().flatten(), filtered.nonzero().flatten()
+    out = torch.empty(len(t), dtype=torch.int64, device=logits.device)
+    out[plain] = _draw(scaled[plain], uniform(t.seeds[plain], t.steps[plain]))
+    out[rest] = _sample_filtered(scaled[rest], _rows(t, rest))
+    return out
 
 
 def _choose(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
@@ -172,7 +211,8 @@ def _choose(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         return token_ids
     if random_rows.numel() == len(t):
         return _sample_random(logits, t)
-    return token_ids.index_copy(0, random_rows, _sample_random(logits[random_rows], _rows(t, random_rows)))
+    token_ids[random_rows] = _sample_random(logits[random_rows], _rows(t, random_rows))
+    return token_ids
 
 
 def sample(logits: torch.Tensor, tensors: SamplingTensors, num_logprobs: int = 0) -> SampleOutput:
