@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -344,8 +345,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("routing-report"), help="output directory")
     parser.add_argument("--max-tokens", type=int, default=2048, help="tokens routed per input file")
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the model runs ('auto' = cuda when a GPU is visible, else cpu)")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="float32",
+                        help="weights dtype (default float32: routing decisions at full precision; "
+                             "'auto' = bfloat16 on cuda, float32 on cpu, as served)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -356,10 +360,13 @@ def run(args: argparse.Namespace) -> int:
         args.model = default_model_dir()
     missing = [str(p) for p in args.input if not p.is_file()]
     if missing:
-        logger.error("no such input file: %s", ", ".join(missing))
+        sys.stderr.write(f"moray: error: no such input file: {', '.join(missing)}\n")
         return 2
-    report = routing_report(args.model, args.input, args.out, args.max_tokens, device=args.device,
-                            dtype=DTYPES[args.dtype], chunk=args.chunk)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    auto = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = auto if args.dtype == "auto" else DTYPES[args.dtype]
+    report = routing_report(args.model, args.input, args.out, args.max_tokens, device=device, dtype=dtype,
+                            chunk=args.chunk)
     chance = report["chance"]
     print(f"routing report in {args.out} (chance: first choice {chance['first_choice']:.1%}, "
           f"first or second {chance['first_or_second']:.1%})")

@@ -80,7 +80,7 @@ def test_repetition_on_hand_built_ids() -> None:
 @pytest.mark.parametrize(("experts", "top_k"), [(8, 2), (4, 2), (16, 3), (3, 2), (8, 1), (6, 4)])
 def test_chance_levels_match_monte_carlo(experts: int, top_k: int) -> None:
     rng = np.random.default_rng(experts * 10 + top_k)
-    n = 200_000
+    n = 100_000
     a = np.argsort(rng.random((n, experts)), axis=1)[:, :top_k]  # [n, k] uniform ordered choices
     b = np.argsort(rng.random((n, experts)), axis=1)[:, :top_k]
     pairs = zip(a.tolist(), b.tolist(), strict=True)
