@@ -194,9 +194,9 @@ def plot_repetition(per_domain: Mapping[str, Rates], chance: Mapping[str, float]
         ax.set_title(title)
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
         ax.set_ylim(0, 1.02)
     fig.axes[0].set_ylabel("proportion of repeated assignments")
-    fig.axes[0].legend(fontsize="small")
     _save(fig, path)
 
 
