@@ -32,9 +32,9 @@ def model_dir(config: ServerConfig) -> str:
     """The checkpoint directory; no `model`: the embedded tiny model (made on first use)."""
     if config.model:
         return str(Path(config.model).expanduser())
-    from moray.model.tiny import default_model_dir
+    from moray.model.tiny import TinySpec, default_model_dir
 
-    return str(default_model_dir(seed=config.tiny_seed))
+    return str(default_model_dir(TinySpec(seed=config.tiny_seed)))
 
 
 def engine_config(config: ServerConfig) -> EngineConfig:

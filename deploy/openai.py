@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from moray.deploy import metrics
 from moray.deploy.config import ServerConfig
 from moray.deploy.grpc import GrpcMixin
@@ -58,6 +60,9 @@ from moray.model.engine import GenerateRequest, QueueFullError, RequestError, To
 from moray.model.sampling import SamplingParams
 from moray.model.tokenizer import Tokenizer
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +173,7 @@ class Timer:
 
 
 def _with_token_ids(req: SamplingFields, choice: Any, c: Choice) -> Any:
-    if (req.model_extra or {}).get("return_token_ids"):  # vLLM extension: ids beside the text
+    if req.return_token_ids:  # vLLM extension: ids beside the text
         choice.token_ids, choice.prompt_token_ids = c.token_ids, c.job.prompt_ids
     return choice
 
@@ -520,8 +525,6 @@ class OpenAIIngress(GrpcMixin):
 
 # ---- HTTP ---------------------------------------------------------------------------------------------
 def error_response(err: APIError, headers: dict[str, str] | None = None) -> Any:
-    from starlette.responses import JSONResponse
-
     return JSONResponse(err.body(), status_code=err.status, headers={**(headers or {}), **err.headers})
 
 
@@ -566,8 +569,6 @@ Create = Callable[[Any, str], Awaitable[BaseModel | AsyncIterator[dict]]]
 async def serve_openai(ingress: OpenAIIngress, request: Any, model: type[BaseModel], create: Create,
                        endpoint: str) -> Any:
     """Parse, validate, run; a JSON response, an SSE stream, or an OpenAI error."""
-    from starlette.responses import JSONResponse, StreamingResponse
-
     given = request.headers.get("x-request-id")
     rid = ingress.request_id(given)
     headers = {} if given else {"X-Request-Id": rid}  # under Serve the proxy sets it (one header, not two)
@@ -592,8 +593,6 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            from starlette.datastructures import Headers
-
             auth = Headers(scope=scope).get("authorization", "")
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
             if not self.ingress.authorized(token):
@@ -606,10 +605,6 @@ class AuthMiddleware:
 
 def create_api(ingress: OpenAIIngress) -> Any:
     """The FastAPI app for one ingress (built per replica, so the routes close over its state)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException
-
     app = FastAPI(title="moray", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(AuthMiddleware, ingress=ingress)
 
@@ -619,7 +614,9 @@ def create_api(ingress: OpenAIIngress) -> Any:
         return error_response(APIError(status, detail))
 
     async def validation_error(_: Request, exc: Exception) -> Any:
-        return error_response(APIError(400, str(exc)[:1000]))
+        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+        return error_response(APIError(400, f"{where}: {errors[0]['msg']}" if errors else "invalid request"))
 
     async def internal_error(_: Request, exc: Exception) -> Any:
         return error_response(to_api_error(exc))
@@ -630,8 +627,6 @@ def create_api(ingress: OpenAIIngress) -> Any:
 
     @app.get("/health")
     async def health() -> Any:
-        from starlette.responses import Response
-
         try:
             await ingress.check_health()
         except Exception as e:

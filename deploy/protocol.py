@@ -88,6 +88,7 @@ class SamplingFields(OpenAIBaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(
         None, description="Token ids that end generation (vLLM extension).")
     ignore_eos: bool = Field(False, description="Keep generating past EOS (vLLM extension).")
+    return_token_ids: bool = Field(False, description="Choices carry `token_ids`, `prompt_token_ids` (vLLM).")
     n: int = Field(1, ge=1, description="Choices per prompt.")
     stream: bool = Field(False, description="Send Server-Sent Events.")
     stream_options: StreamOptions | None = None

@@ -59,7 +59,7 @@ def served_app(ray_session: Any, tiny_dir: Path) -> Iterator[ServedApp]:
     from ray import serve
 
     config = ServerConfig(model=str(tiny_dir), served_model_name="moray-tiny-e2e", num_shards=2,
-                          max_num_seqs=32, max_batch_tokens=512, max_waiting=8, api_key=None,
+                          max_num_seqs=32, max_batch_tokens=512, max_waiting=32, api_key=None,
                           port=free_port(), grpc_port=free_port(), shard_cpus=0.5, dispatcher_cpus=1.0)
     run_app(config, proxy_location="HeadOnly")
     app = ServedApp(f"http://127.0.0.1:{config.port}", f"127.0.0.1:{config.grpc_port}", config.app_name,

@@ -1,0 +1,192 @@
+"""`moray serve` as users run it: a subprocess with its own Ray, ready in time, answering, an API key,
+a clean exit on SIGINT with no process left behind; startup errors as one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+READY_S, EXIT_S = 90.0, 30.0
+MARK = "MORAY_E2E_MARK"  # every process a `moray` subprocess starts inherits it: how leftovers are found
+
+
+def moray_command() -> list[str]:
+    script = Path(sys.executable).with_name("moray")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "moray.deploy.cli"]
+
+
+def clean_env(mark: str = "") -> dict[str, str]:
+    """This environment without the session cluster's address or an API key, plus a `MARK`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MORAY_API_KEY")}
+    return {**env, "PYTHONUNBUFFERED": "1", MARK: mark or os.urandom(8).hex()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def marked(mark: str) -> list[str]:
+    """Live processes started (directly or not) by the subprocess carrying `mark`, as short command lines."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(MARK) == mark and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(" ".join(p.cmdline()[:3]))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class Server:
+    """`moray serve ...` in its own session, its output collected, its process tree tracked."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.mark = os.urandom(8).hex()
+        self.proc = subprocess.Popen([*moray_command(), "serve", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=clean_env(self.mark),
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self.tree: set[int] = set()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+
+    def track(self) -> None:
+        try:
+            self.tree |= {c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+
+    def wait_ready(self, url: str) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < READY_S:
+            assert self.proc.poll() is None, "\n".join(self.lines[-30:])
+            self.track()
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return time.monotonic() - start
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"not ready within {READY_S} s:\n" + "\n".join(self.lines[-30:]))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in self.tree:
+            if alive(pid):
+                psutil.Process(pid).kill()
+
+
+def test_serve_starts_answers_and_stops_clean() -> None:
+    """No --model: the embedded tiny model. An API key guards /v1, not /health."""
+    port, grpc_port, key = free_port(), free_port(), "k-" + os.urandom(8).hex()
+    server = Server(["--port", str(port), "--grpc-port", str(grpc_port), "--num-shards", "2",
+                     "--api-key", key])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_ready(f"{base}/health")
+        server.track()
+        body = {"model": "moray-tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        ok = httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                        timeout=60)
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["usage"]["completion_tokens"] >= 1
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            denied = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=60)
+            assert denied.status_code == 401 and denied.json()["error"]["code"] == 401
+        assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
+        assert any("ready" in line and str(port) in line for line in server.lines), server.lines
+        server.track()
+        assert server.tree, "moray serve started no child processes?"
+        os.kill(server.proc.pid, signal.SIGINT)
+        start = time.monotonic()
+        rc = server.proc.wait(timeout=EXIT_S)
+        assert rc == 0, "\n".join(server.lines[-30:])
+        assert time.monotonic() - start < EXIT_S
+        deadline = time.monotonic() + 5
+        while marked(server.mark) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not marked(server.mark), f"processes left behind: {marked(server.mark)}"
+        assert not [p for p in server.tree if alive(p)]
+    finally:
+        server.kill()
+
+
+def bad_placement(path: Path, tiny_dir: Path) -> Path:
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    layers, experts = cfg["num_hidden_layers"], cfg["num_local_experts"]
+    shards = [[list(range(1, experts))] * layers]  # expert 0 nowhere
+    path.write_text(json.dumps({"shards": shards}))
+    return path
+
+
+def startup_error_cases(tmp: Path, tiny_dir: Path, busy_port: int) -> dict[str, tuple[list[str], str]]:
+    (tmp / "empty").mkdir()
+    (tmp / "bad.yaml").write_text("num_shards: [oops\n")
+    return {
+        "missing-checkpoint": (["--model", str(tmp / "nowhere")], "nowhere"),
+        "empty-checkpoint": (["--model", str(tmp / "empty")], "empty"),
+        "placement-misses-an-expert": (["--model", str(tiny_dir), "--placement",
+                                        str(bad_placement(tmp / "p.json", tiny_dir))], "placement"),
+        "more-shards-than-experts": (["--model", str(tiny_dir), "--num-shards", "999"], "shard"),
+        "port-in-use": (["--model", str(tiny_dir), "--port", str(busy_port)], str(busy_port)),
+        "bad-config-file": (["--config", str(tmp / "bad.yaml")], "bad.yaml"),
+    }
+
+
+CASES = ["missing-checkpoint", "empty-checkpoint", "placement-misses-an-expert", "more-shards-than-experts",
+         "port-in-use", "bad-config-file"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_startup_errors_are_one_line_and_leave_nothing(tmp_path: Path, tiny_dir: Path, case: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args, named = startup_error_cases(tmp_path, tiny_dir, busy.getsockname()[1])[case]
+        mark = os.urandom(8).hex()
+        out = subprocess.run([*moray_command(), "serve", "--grpc-port", str(free_port()), *args],
+                             capture_output=True, text=True, timeout=120, env=clean_env(mark))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr
+    assert len(lines) == 1 and lines[0].startswith("moray: error: "), out.stderr
+    assert named in lines[0]
+    assert not marked(mark), "a startup error left processes running"
+
+
+def test_generate_in_process_equals_the_server(served_app: Any) -> None:
+    prompt = "The quick brown fox"
+    model = str(served_app.model_dir)
+    command = [*moray_command(), "generate", "--model", model, "--max-tokens", "8", prompt]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+    http = httpx.post(f"{served_app.base_url}/completions", json=body, timeout=120).json()
+    assert out.stdout == http["choices"][0]["text"] + "\n"
