@@ -167,9 +167,11 @@ class AsyncEngine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def _ensure_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._wake = asyncio.Event()  # bound to this loop (a new asyncio.run gets a new loop)
+            self._task = loop.create_task(self._loop())
         self._wake.set()
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _loop(self) -> None:
         while True:
