@@ -7,6 +7,7 @@ bad arguments get INVALID_ARGUMENT, an unknown model NOT_FOUND, and the server k
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -179,3 +180,25 @@ def test_api_key_accepted(stub: Any, metadata: Any, keyed_app: str) -> None:
     expected = generate(stub, metadata, **fields)  # the same checkpoint, served without a key
     assert generate(stub, keyed, **fields).token_ids == expected.token_ids
     assert "".join(c.text for c in stream(stub, keyed, **fields)) == expected.text
+
+
+def running_sequences(served_app: Any) -> int:
+    response = httpx.get(f"{served_app.http_url}/v1/moray/status", timeout=TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    return int(response.json()["dispatcher"]["running"])
+
+
+def test_a_cancelled_stream_frees_its_slot(served_app: Any, stub: Any, metadata: Any) -> None:
+    from moray.model.config import MixtralConfig
+
+    context = MixtralConfig.load(served_app.model_dir).max_seq_len
+    long = moray_pb2.GenerateRequest(prompt_token_ids=moray_pb2.TokenIds(ids=[1, 42]), temperature=0.0,
+                                      max_tokens=min(context - 4, served_app.config.max_tokens_limit))
+    call = stub.GenerateStream(long, metadata=metadata, timeout=TIMEOUT_S)
+    assert next(call).finish_reason == ""
+    assert running_sequences(served_app) >= 1
+    call.cancel()
+    gone = time.monotonic()
+    while running_sequences(served_app) > 0:
+        assert time.monotonic() - gone < 10.0, "the cancelled stream still holds its slot"
+        time.sleep(0.2)
