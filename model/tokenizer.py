@@ -1,47 +1,89 @@
-"""Tokenizer: sentencepiece over Mixtral's tokenizer, streaming detokenization, the v1 chat format.
+"""The Mixtral tokenizer: sentencepiece, the v1 `[INST]` chat format, and streaming detokenization.
 
-The embedded default is the `tokenizer.model.v1` that mistral-common ships; a checkpoint's own
-`tokenizer.model` wins. The chat format is Mixtral-Instruct's (mistral-common's v1 instruct
-encoder): `<s>[INST] user [/INST] answer</s>[INST] user [/INST]`, where "[INST]" is plain text,
-the system prompt(s) are folded into the first user turn ("system\\n\\nuser"), and consecutive
-messages of one role are joined with "\\n\\n".
+The embedded default is the real Mixtral tokenizer that mistral-common ships
+(`mistral_common/data/tokenizer.model.v1`); a checkpoint's own `tokenizer.model` wins.
+
+Chat format: mistral-common's `InstructTokenizerV1` behind its request normalizer and validator
+(mistral_common/tokens/tokenizers/instruct.py, protocol/instruct/{normalize,validator}.py), for text
+messages with roles system / user / assistant:
+
+    <s>[INST] {system}\\n\\n{user 1} [/INST] {answer 1}</s>[INST] {user 2} [/INST]
+
+- every system message's content is joined with "\\n\\n" and prepended to the FIRST user message;
+- consecutive messages of one role merge (contents joined with "\\n\\n");
+- a conversation that does not start with a user message gets an empty user message first;
+- each `[INST] ... [/INST]` and each answer is encoded on its own (sentencepiece adds its leading
+  space to each), an answer ends with `</s>`;
+- a final assistant message is a prefix to continue (no `</s>`), as vLLM does with mistral-common.
+
+Streaming detokenization follows vLLM's prefix_offset / read_offset scheme: each new token decodes
+a short window of recent ids, and text is released only once it no longer ends in U+FFFD (an
+incomplete UTF-8 character from byte-fallback tokens such as `<0xE2>`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from functools import cached_property
-from importlib import resources
+import importlib.util
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
-JOIN = "\n\n"
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+MESSAGE_JOIN = "\n\n"  # mistral-common's separator between merged messages and before the user turn
+REPLACEMENT = "\ufffd"
+CONTEXT_TOKENS = 5  # window the detokenizer decodes before the new tokens (vLLM: 5)
 
 
 def default_tokenizer_path() -> Path:
-    return Path(str(resources.files("mistral_common") / "data" / "tokenizer.model.v1"))
+    """The Mixtral tokenizer shipped inside the installed mistral-common package."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("mistral-common is not installed: it ships the default tokenizer.model.v1")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}")
+    return path
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    content: str
 
 
 class Tokenizer:
+    """Sentencepiece Mixtral tokenizer (32000 ids, `<s>` = 1, `</s>` = 2, byte fallback)."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no tokenizer model at {self.path}")
         self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self._pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Tokenizer:
-        return cls(path or default_tokenizer_path())
+        """The sentencepiece model at `path`; None: the default Mixtral tokenizer."""
+        return cls(path if path is not None else default_tokenizer_path())
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path | None) -> Tokenizer:
+        """The directory's `tokenizer.model`, else its `tokenizer.model.v1`, else the default."""
         for name in ("tokenizer.model", "tokenizer.model.v1"):
             if model_dir is not None and (Path(model_dir) / name).is_file():
                 return cls(Path(model_dir) / name)
+        log.info("no tokenizer.model in %s: using the default Mixtral tokenizer", model_dir)
         return cls.load()
 
     @property
     def vocab_size(self) -> int:
-        return int(self.sp.vocab_size())
+        return len(self._pieces)
 
     @property
     def bos_id(self) -> int:
@@ -55,88 +97,139 @@ class Tokenizer:
         ids: list[int] = self.sp.encode(text)
         return [self.bos_id, *ids] if bos else ids
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return str(self.sp.decode(list(ids)))
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; control tokens (`<s>`, `</s>`) decode to nothing."""
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range 0..{self.vocab_size - 1}: {bad[:5]}")
+        text: str = self.sp.decode(list(ids))
+        return text
 
     def id_to_piece(self, token_id: int) -> str:
-        return str(self.sp.id_to_piece(token_id))
-
-    @cached_property
-    def _byte_tokens(self) -> frozenset[int]:
-        return frozenset(i for i in range(self.vocab_size) if self.sp.is_byte(i))
+        return self._pieces[token_id]
 
     def token_text(self, token_id: int) -> str:
-        """The token's surface text for logprobs (▁ as a space; byte tokens as `<0xE2>`)."""
-        piece = self.id_to_piece(token_id)
-        return piece if token_id in self._byte_tokens else piece.replace("\u2581", " ")
+        """One token's surface text for logprobs, as vLLM shows it: `decode([id])` with the leading
+        spaces that decoding a lone token strips put back (`▁the` -> " the"); a lone byte-fallback
+        token shows as U+FFFD; control tokens show as their piece (`</s>`)."""
+        piece = self._pieces[token_id]
+        if self.sp.is_control(token_id) or self.sp.is_unknown(token_id):
+            return piece
+        text = self.decode([token_id])
+        markers = len(piece) - len(piece.lstrip("▁"))
+        missing = markers - (len(text) - len(text.lstrip(" ")))
+        return " " * missing + text if missing > 0 else text
 
-    def encode_chat(self, messages: Iterable[Mapping[str, str] | object]) -> list[int]:
-        """Token ids of a conversation in the Mixtral v1 instruct format, ready for the reply."""
-        system, turns = _normalize(messages)
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's UTF-8 bytes (OpenAI's logprobs `bytes`): a byte-fallback token is its byte."""
+        if self.sp.is_byte(token_id):
+            return bytes([int(self._pieces[token_id][3:5], 16)])  # "<0xE2>"
+        return self.token_text(token_id).encode("utf-8")
+
+    # ---- chat ------------------------------------------------------------------------------------
+    def encode_chat(self, messages: Sequence[Mapping[str, Any] | Any]) -> list[int]:
+        """Token ids of a conversation in the Mixtral v1 instruct format (see the module docstring).
+
+        Messages are dicts or objects with `role` and `content`. Raises ValueError for a conversation
+        mistral-common rejects: empty, an unknown role, a system message after an assistant message,
+        an assistant message without content, a lone assistant message.
+        """
+        turns = _validated([_as_message(m) for m in messages])
+        system = MESSAGE_JOIN.join(m.content for m in turns if m.role == "system" and m.content)
+        merged = _merge_runs(turns)
+        if not merged or merged[0].role != "user":
+            merged.insert(0, ChatMessage("user", ""))
         ids = [self.bos_id]
-        for i, (role, content) in enumerate(turns):
-            if role == "user":
-                text = f"{system}{JOIN}{content}" if i == 0 and system else content
-                ids += self.encode(f"[INST] {text} [/INST]", bos=False)
+        for i, m in enumerate(merged):
+            if m.role == "user":
+                content = system + MESSAGE_JOIN + m.content if i == 0 and system else m.content
+                ids += self.encode(f"[INST] {content} [/INST]", bos=False)
             else:
-                ids += self.encode(content, bos=False) + [self.eos_id]
+                final = i == len(merged) - 1
+                ids += self.encode(m.content, bos=False) + ([] if final else [self.eos_id])
         return ids
 
 
-def _normalize(messages: Iterable[Mapping[str, str] | object]) -> tuple[str, list[tuple[str, str]]]:
-    """(system prompt, alternating user/assistant turns starting with user), as mistral-common does."""
-    system: list[str] = []
-    turns: list[tuple[str, str]] = []
+def _as_message(message: Mapping[str, Any] | Any) -> ChatMessage:
+    if isinstance(message, Mapping):
+        role, content = message.get("role"), message.get("content")
+    else:
+        role, content = getattr(message, "role", None), getattr(message, "content", None)
+    if role not in ROLES:
+        raise ValueError(f"unsupported message role {role!r}: expected one of {', '.join(ROLES)}")
+    if content is None and role == "system":
+        raise ValueError("a system message must have content")
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"{role} message content must be a string, got {type(content).__name__}")
+    return ChatMessage(role, content or "")
+
+
+def _validated(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """mistral-common's structure checks (validator.py) that apply to text-only v1 conversations."""
+    if not messages:
+        raise ValueError("the conversation must have at least one message")
+    if len(messages) == 1 and messages[0].role == "assistant":
+        raise ValueError("the conversation must start with a user message or system message")
+    for before, after in zip(messages, messages[1:], strict=False):
+        if before.role == "assistant" and after.role == "system":
+            raise ValueError("unexpected role 'system' after role 'assistant'")
     for m in messages:
-        role, content = _field(m, "role"), _field(m, "content")
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"unsupported message role {role!r}: use system, user or assistant")
-        if not isinstance(content, str):
-            raise ValueError(f"message content must be a string, got {type(content).__name__}")
-        if role == "system":
-            system.append(content)
-        elif turns and turns[-1][0] == role:
-            turns[-1] = (role, turns[-1][1] + JOIN + content)
-        else:
-            turns.append((role, content))
-    if not turns and not system:
-        raise ValueError("the conversation has no messages")
-    if not turns or turns[0][0] != "user":
-        turns.insert(0, ("user", ""))
-    if turns[-1][0] != "user":
-        raise ValueError("the last message must be from the user")
-    return JOIN.join(system), turns
+        if m.role == "assistant" and not m.content:
+            raise ValueError("an assistant message must have content")
+    return messages
 
 
-def _field(message: Mapping[str, str] | object, name: str) -> object:
-    return message.get(name) if isinstance(message, Mapping) else getattr(message, name, None)
+def _merge_runs(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """Merge consecutive user (or assistant) messages; system messages drop out but split runs."""
+    merged: list[ChatMessage] = []
+    previous = ""
+    for m in messages:
+        if m.role != "system" and m.role == previous:
+            parts = [p for p in (merged[-1].content, m.content) if p]
+            merged[-1] = ChatMessage(m.role, MESSAGE_JOIN.join(parts))
+        elif m.role != "system":
+            merged.append(m)
+        previous = m.role
+    return merged
 
 
 class IncrementalDetokenizer:
-    """Streams text deltas that never split a UTF-8 character (vLLM's prefix/read offsets).
+    """Turns generated token ids into text deltas whose concatenation (after `flush`) equals
+    `decode(prompt + generated)` minus `decode(prompt)`, and `decode(generated)` with no prompt.
 
-    Text is decoded over a small window of recent tokens; a delta is released only once it no
-    longer ends in U+FFFD (an incomplete byte sequence), so concatenated deltas equal `decode(all)`.
+    Each `add` decodes only the ids since the last released text plus a few before them
+    (vLLM's prefix_offset / read_offset): O(1) per token, however long the sequence.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = list((prompt_ids or [])[-4:])  # context for sentencepiece's leading space
-        self.prefix_offset = self.read_offset = len(self.ids)
+        self.ids = list(prompt_ids[-(CONTEXT_TOKENS + 2):])  # only the tail matters; never the caller's list
+        self.read_offset = len(self.ids)  # ids before it are already released as text
+        self.prefix_offset = max(self.read_offset - CONTEXT_TOKENS, 0)  # decoding starts here
 
     def add(self, token_id: int) -> str:
+        """The text that `token_id` completes; "" while a character is incomplete."""
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:])
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
+        prefix, text = self._decode_window()
+        if len(text) <= len(prefix) or text.endswith(REPLACEMENT):
             return ""
-        delta = full[len(prefix):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return delta
+        self._advance()
+        return text[len(prefix):]
 
     def flush(self) -> str:
-        """Whatever is still held back (an incomplete character at the very end) as it decodes."""
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(prefix):] if len(full) > len(prefix) else ""
+        """Whatever is held back (an incomplete character decodes as U+FFFD, as `decode` does)."""
+        prefix, text = self._decode_window()
+        self._advance()
+        return text[len(prefix):]
+
+    def _decode_window(self) -> tuple[str, str]:
+        window = self.ids[self.prefix_offset:]
+        decode = self.tokenizer.decode
+        return decode(window[: self.read_offset - self.prefix_offset]), decode(window)
+
+    def _advance(self) -> None:
+        """Release everything so far; keep a few ids of context, drop older ones."""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        drop = self.prefix_offset
+        self.ids = self.ids[drop:]
+        self.prefix_offset, self.read_offset = 0, self.read_offset - drop
