@@ -202,3 +202,11 @@ def test_a_cancelled_stream_frees_its_slot(served_app: Any, stub: Any, metadata:
     while running_sequences(served_app) > 0:
         assert time.monotonic() - gone < 10.0, "the cancelled stream still holds its slot"
         time.sleep(0.2)
+
+
+def test_readme_grpc_example(readme: Any, stub: Any, metadata: Any,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    exec(compile(readme("grpc-client"), "README.md", "exec"), {})
+    reply = generate(stub, metadata, prompt="The capital of France is", max_tokens=16, temperature=0.0)
+    shown = f"{reply.text} {list(reply.token_ids)} {reply.usage.completion_tokens}\n{reply.text}\n"
+    assert capsys.readouterr().out == shown
