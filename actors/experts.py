@@ -47,10 +47,14 @@ class ExpertShard:
         out_device = x.device
         ids = expert_ids.to(self.device)
         y = self.banks[layer](x.to(self.device), ids, gates.to(self.device)).to(out_device)
-        served = ids[ids >= 0]
-        self.tokens_served[layer].index_add_(0, served.cpu(), torch.ones_like(served, device="cpu"))
+        counts = torch.bincount(ids[ids >= 0].cpu(), minlength=self.cfg.n_experts)  # [E]
+        self.tokens_served[layer] += counts
         self.busy_s += time.perf_counter() - t
+        self.on_served(layer, counts)
         return y
+
+    def on_served(self, layer: int, counts: torch.Tensor) -> None:
+        """Hook for the serving layer (sliding-window rates, Prometheus); counts [E] of this call."""
 
     def token_counts(self) -> list[list[int]]:
         """Tokens served so far per [layer][expert] (zeros for experts held elsewhere)."""

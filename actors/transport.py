@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from moray.actors.placement import Placement
+from moray.actors.placement import Placement, split_among_replicas
 from moray.model.experts import split_by_shard
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class ShardedExperts:
         if len(shards) != placement.num_shards:
             raise ValueError(f"placement has {placement.num_shards} shards, got {len(shards)} handles")
         self.placement, self.shards, self.shard_timeout_s = placement, list(shards), shard_timeout_s
+        self.replicas = [1] * len(shards)  # live replicas per shard: a shard's rows are split over them
+        self.min_split_rows = 4
         self.calls = [0] * len(shards)
         self.call_s = [0.0] * len(shards)
         self.retries = 0
@@ -56,14 +58,22 @@ class ShardedExperts:
     async def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         shard_of = self.placement.route(layer, ids)  # [T, A]
         parts = split_by_shard(ids, gates, shard_of, len(self.shards))
-        busy = [(s, rows) for s, (rows, _, _) in enumerate(parts) if len(rows)]
+        calls = [(s, chunk) for s, (rows, _, _) in enumerate(parts) if len(rows)
+                 for chunk in self._split(s, len(rows))]
         outs = await asyncio.gather(
-            *(self._call(s, layer, x[rows], parts[s][1], parts[s][2]) for s, rows in busy)
+            *(self._call(s, layer, x[parts[s][0][c]], parts[s][1][c], parts[s][2][c]) for s, c in calls)
         )
         y = torch.zeros_like(x)
-        for (_, rows), part in zip(busy, outs):
-            y.index_add_(0, rows, part.to(y.device))
+        for (s, c), part in zip(calls, outs):
+            y.index_add_(0, parts[s][0][c], part.to(y.device))
         return y
+
+    def _split(self, shard: int, n: int) -> list[slice]:
+        """A shard's rows in one chunk per live replica (Serve routes concurrent calls apart)."""
+        k = max(1, min(self.replicas[shard], n // self.min_split_rows))
+        sizes = split_among_replicas(n, [0.0] * k)
+        bounds = [sum(sizes[:i]) for i in range(k + 1)]
+        return [slice(bounds[i], bounds[i + 1]) for i in range(k)]
 
     async def _call(self, shard: int, layer: int, x: torch.Tensor, ids: torch.Tensor,
                     gates: torch.Tensor) -> torch.Tensor:
