@@ -85,10 +85,11 @@ def _dispatcher_scaling(config: ServerConfig) -> dict[str, Any]:
 
 def build_app(args: dict[str, Any] | ServerConfig) -> Any:
     """The moray Serve application for `args` (a `ServerConfig` or its fields as a dict)."""
+    from ray import serve
+
     from moray.actors.dispatcher import Dispatcher
     from moray.actors.experts import ExpertShard
     from moray.deploy.openai import OpenAIIngress
-    from ray import serve
 
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
     path, device = model_dir(config), config.resolved_device()
@@ -111,8 +112,9 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
 
 def run_app(config: ServerConfig, blocking: bool = False, proxy_location: str = "EveryNode") -> Any:
     """Start Serve's HTTP and gRPC proxies on the config's ports and deploy the app at route `/`."""
-    from moray.deploy.grpc import grpc_options
     from ray import serve
+
+    from moray.deploy.grpc import grpc_options
 
     serve.start(proxy_location=proxy_location, http_options={"host": config.host, "port": config.port},
                 grpc_options=grpc_options(config.grpc_port))

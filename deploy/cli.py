@@ -56,7 +56,8 @@ class StartupError(Exception):
 
 
 def fail(message: str) -> int:
-    sys.stderr.write(f"moray: error: {message}\n")
+    """One line on stderr (whitespace, newlines included, collapsed), exit code 2."""
+    sys.stderr.write(f"moray: error: {' '.join(message.split())}\n")
     return EXIT_USAGE
 
 
@@ -146,6 +147,7 @@ def local_cpus(config: Any) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     import ray
+
     from moray.deploy.config import ConfigError
 
     try:
@@ -154,7 +156,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ConfigError, StartupError) as e:
         return fail(str(e))
     stop = _stop_event()
-    ray.init(address=args.address, num_cpus=None if args.address else local_cpus(config),
+    ray.init(address=args.address or "local", num_cpus=None if args.address else local_cpus(config),
              log_to_driver=args.verbose, namespace="serve", ignore_reinit_error=True)
     try:
         from moray.deploy.app import run_app
@@ -267,9 +269,10 @@ async def _local_stream(path: str, _: int, engine_config: Any, request: Any) -> 
 
 async def _ray_stream(path: str, num_shards: int, engine_config: Any, request: Any) -> Any:
     import ray
+
     from moray.actors.runtime import start_runtime
 
-    ray.init(log_to_driver=False, ignore_reinit_error=True)
+    ray.init(address="local", log_to_driver=False)
     runtime = start_runtime(path, num_shards, engine_config)
     try:
         async for event in runtime.stream(request):

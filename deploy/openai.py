@@ -25,6 +25,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
 from moray.deploy import metrics
 from moray.deploy.config import ServerConfig
 from moray.deploy.grpc import GrpcMixin
@@ -59,10 +64,6 @@ from moray.model.config import MixtralConfig
 from moray.model.engine import GenerateRequest, QueueFullError, RequestError, TokenEvent
 from moray.model.sampling import SamplingParams
 from moray.model.tokenizer import Tokenizer
-from pydantic import BaseModel, ValidationError
-from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
 
 log = logging.getLogger(__name__)
 

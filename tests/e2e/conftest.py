@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from moray.deploy.config import ServerConfig
 from moray.model.engine import EngineConfig, GenerateRequest, TokenEvent
 
@@ -55,8 +56,9 @@ def engine_config(config: ServerConfig) -> EngineConfig:
 
 @pytest.fixture(scope="session")
 def served_app(ray_session: Any, tiny_dir: Path) -> Iterator[ServedApp]:
-    from moray.deploy.app import run_app
     from ray import serve
+
+    from moray.deploy.app import run_app
 
     config = ServerConfig(model=str(tiny_dir), served_model_name="moray-tiny-e2e", num_shards=2,
                           max_num_seqs=32, max_batch_tokens=512, max_waiting=32, api_key=None,

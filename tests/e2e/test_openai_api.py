@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
 from moray.model.config import MixtralConfig
 from moray.model.engine import GenerateRequest, TokenEvent
 from moray.model.sampling import SamplingParams
