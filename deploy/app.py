@@ -2,6 +2,9 @@
 
     openai-ingress (HTTP + gRPC) ──► dispatcher (engine, attention; N replicas) ──► expert-shard-{g}
 
+The shard and dispatcher deployments are `deploy/shards.py`'s serving subclasses of the runtime's
+`ExpertShard` / `Dispatcher` (load reporting for autoscaling, Prometheus, replica-aware splits).
+
 Every dispatcher replica gets handles to the same shard deployments, so attention scales apart
 from the experts. `build_app` is also what KubeRay's `serveConfigV2` imports
 (`import_path: moray.deploy.app:build_app`, `args:` = `ServerConfig` fields).
@@ -87,22 +90,21 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
     """The moray Serve application for `args` (a `ServerConfig` or its fields as a dict)."""
     from ray import serve
 
-    from moray.actors.dispatcher import Dispatcher
-    from moray.actors.experts import ExpertShard
     from moray.deploy.openai import OpenAIIngress
+    from moray.deploy.shards import ServedDispatcher, ServedExpertShard
 
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
     path, device = model_dir(config), config.resolved_device()
     dtype = str(config.resolved_dtype()).removeprefix("torch.")
     plan = placement(config, MixtralConfig.load(path))
-    shard: Any = serve.deployment(ExpertShard, **SHARD_OPTIONS, **_shard_scaling(config))
+    shard: Any = serve.deployment(ServedExpertShard, **SHARD_OPTIONS, **_shard_scaling(config))
     shards = [shard.options(name=f"expert-shard-{g}",
                             ray_actor_options={"num_cpus": config.shard_cpus, **_gpus(config)})
               .bind(path, g, plan.shard_experts(g), dtype=dtype, device=device)
               for g in range(plan.num_shards)]
-    dispatcher: Any = serve.deployment(Dispatcher, name="dispatcher", **DISPATCHER_OPTIONS,
-                                  ray_actor_options={"num_cpus": config.dispatcher_cpus, **_gpus(config)},
-                                  **_dispatcher_scaling(config))
+    dispatcher_cpus = {"num_cpus": config.dispatcher_cpus, **_gpus(config)}
+    dispatcher: Any = serve.deployment(ServedDispatcher, name="dispatcher", **DISPATCHER_OPTIONS,
+                                       ray_actor_options=dispatcher_cpus, **_dispatcher_scaling(config))
     ingress: Any = serve.deployment(serve.ingress()(OpenAIIngress), **INGRESS_OPTIONS)
     log.info("moray app: model %s, %d expert shards, %d dispatcher replica(s), device %s, dtype %s",
              path, plan.num_shards, config.dispatcher_replicas, device, dtype)
