@@ -587,17 +587,19 @@ async def serve_openai(ingress: OpenAIIngress, request: Any, model: type[BaseMod
 
 
 class AuthMiddleware:
-    """Pure ASGI: a configured API key guards every /v1 route (401 before the body is read)."""
+    """Pure ASGI: a configured API key guards every route but /health (401 before the body is read)."""
 
     def __init__(self, app: Any, ingress: OpenAIIngress) -> None:
         self.app, self.ingress = app, ingress
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        route = path[len(root):] if root and path.startswith(root) else path  # under a Serve route prefix
+        if scope["type"] == "http" and route != "/health":
             auth = Headers(scope=scope).get("authorization", "")
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
             if not self.ingress.authorized(token):
-                metrics.record_request(401, scope["path"][:64])
+                metrics.record_request(401, route)
                 msg = "missing API key" if token is None else "incorrect API key"
                 await error_response(APIError(401, msg))(scope, receive, send)
                 return
