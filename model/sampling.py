@@ -138,49 +138,56 @@ def uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
 
 
 def _draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw from softmax(logits) [B, C] (-inf = excluded) with one uniform u [B] per row.
+    """Inverse-CDF draw from softmax(logits) [B, C] (-inf = excluded) with one uniform u [B] per row:
+    the first position whose cumulative probability exceeds u, never an excluded (zero) entry.
 
-    The first position whose cumulative probability exceeds u: never an excluded (zero) entry.
+    Consumes `logits` (overwritten in place): every fresh [B, V] buffer costs page faults on CPU.
     """
-    cdf = logits.softmax(dim=-1).to(torch.float64).cumsum(dim=-1)  # [B, C]
-    pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # [B, 1]
-    return pos.clamp(max=logits.shape[-1] - 1).squeeze(-1)
+    cdf = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)  # [B, C] unnormalized
+    total = cdf[:, -1:]  # [B, 1]
+    target = (u[:, None] * total.double()).float()
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))  # below the total
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
-def _candidate_width(scaled: torch.Tensor, t: SamplingTensors) -> int:
-    """How many best tokens per row hold every row's top-k and top-p survivors (V = all of them)."""
+Candidates = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _candidates(scaled: torch.Tensor, t: SamplingTensors) -> Candidates:
+    """Each row's best tokens, best first, enough for every row's top-k and top-p: values and ids
+    [B, C], and the full-vocabulary logsumexp [B] that top-p needs for rows without top-k."""
     vocab = scaled.shape[-1]
-    width = int(t.top_k.max().clamp(max=vocab)) if bool((t.top_k > 0).all()) else vocab
-    if width < vocab or NUCLEUS_PREFIX >= vocab:
-        return width
-    # Rows with top-p alone: is the nucleus inside the best NUCLEUS_PREFIX tokens? (Usually, for a
-    # trained model; rarely for a random one, where a full sort follows.)
-    prefix = max(NUCLEUS_PREFIX, int(t.top_k.max()))
-    best = scaled.topk(min(prefix, vocab), dim=-1).values  # [B, prefix]
-    mass = (best - scaled.logsumexp(dim=-1, keepdim=True)).exp().sum(dim=-1)  # [B]
-    covered = (t.top_k > 0) | (mass >= t.top_p)
-    return min(prefix, vocab) if bool(covered.all()) else vocab
+    if bool((t.top_k > 0).all()):  # every row renormalizes over its own top-k: no full logsumexp
+        best, ids = scaled.topk(int(t.top_k.max().clamp(max=vocab)), dim=-1)
+        return best, ids, torch.zeros_like(best[:, 0])
+    lse = scaled.logsumexp(dim=-1)  # [B]
+    prefix = min(max(NUCLEUS_PREFIX, int(t.top_k.max())), vocab)
+    if prefix < vocab:  # is every nucleus inside the prefix? (usually, for a trained model)
+        best, ids = scaled.topk(prefix, dim=-1)
+        mass = (best - lse[:, None]).exp().sum(dim=-1)  # [B]
+        if bool(((t.top_k > 0) | (mass >= t.top_p)).all()):
+            return best, ids, lse
+    best, ids = scaled.sort(dim=-1, descending=True)
+    return best, ids, lse
 
 
-def _mask_sorted(best: torch.Tensor, scaled: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+def _mask_sorted(best: torch.Tensor, lse: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Apply top-k, then top-p (on the top-k-renormalized distribution) to sorted candidates [B, C]."""
     position = torch.arange(best.shape[-1], device=best.device)  # [C]
     best = best.masked_fill((t.top_k[:, None] > 0) & (position[None, :] >= t.top_k[:, None]), float("-inf"))
-    lse = torch.where(t.top_k > 0, best.logsumexp(dim=-1), scaled.logsumexp(dim=-1))  # [B]
+    if not bool((t.top_p < 1).any()):
+        return best
+    lse = torch.where(t.top_k > 0, best.logsumexp(dim=-1), lse)  # [B]
     probs = (best - lse[:, None]).exp()  # [B, C]
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the better candidates
     drop = (mass_before >= t.top_p[:, None]) & (t.top_p < 1)[:, None]  # the best token always stays
-    return best.masked_fill(drop, float("-inf"))
+    return best.masked_fill_(drop, float("-inf"))
 
 
 def _sample_filtered(scaled: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Rows with top-k and/or top-p: draw among the sorted survivors: [B, V] -> [B] int64."""
-    width = _candidate_width(scaled, t)
-    if width < scaled.shape[-1]:
-        best, ids = scaled.topk(width, dim=-1)  # [B, C], best first
-    else:
-        best, ids = scaled.sort(dim=-1, descending=True)
-    pos = _draw(_mask_sorted(best, scaled, t), uniform(t.seeds, t.steps))  # [B]
+    best, ids, lse = _candidates(scaled, t)
+    pos = _draw(_mask_sorted(best, lse, t), uniform(t.seeds, t.steps))  # [B]
     return ids.gather(-1, pos[:, None]).squeeze(-1)
 
 
@@ -205,12 +212,12 @@ def _sample_random(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 def _choose(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Greedy rows take the argmax; the others draw at random: [B, V] -> [B] int64."""
-    token_ids = logits.argmax(dim=-1)  # [B]
     random_rows = (t.temperature > 0).nonzero().flatten()
     if random_rows.numel() == 0:
-        return token_ids
+        return logits.argmax(dim=-1)
     if random_rows.numel() == len(t):
         return _sample_random(logits, t)
+    token_ids = logits.argmax(dim=-1)  # [B]
     token_ids[random_rows] = _sample_random(logits[random_rows], _rows(t, random_rows))
     return token_ids
 
@@ -221,7 +228,7 @@ def sample(logits: torch.Tensor, tensors: SamplingTensors, num_logprobs: int = 0
         raise ValueError(f"logits must be [B, V] with B = {len(tensors)} rows, got {tuple(logits.shape)}")
     logits = logits.float()
     token_ids = _choose(logits, tensors)  # [B]
-    logprobs = logits.log_softmax(dim=-1)  # [B, V]: raw, temperature 1
-    chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(-1)  # [B]
-    top_logprobs, top_ids = logprobs.topk(min(num_logprobs, logits.shape[-1]), dim=-1)  # [B, N]
-    return SampleOutput(token_ids, chosen, top_ids, top_logprobs)
+    lse = logits.logsumexp(dim=-1, keepdim=True)  # [B, 1]: logprobs are raw (temperature 1) log-softmax
+    chosen = (logits.gather(-1, token_ids[:, None]) - lse).squeeze(-1)  # [B]
+    top, top_ids = logits.topk(min(num_logprobs, logits.shape[-1]), dim=-1)  # [B, N]
+    return SampleOutput(token_ids, chosen, top_ids, top - lse)

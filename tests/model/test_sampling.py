@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from moray.model.sampling import SamplingParams, SamplingTensors, sample
 
 DRAWS = 20000  # rows per statistical check: a binomial frequency's sigma is at most 0.0036

@@ -15,6 +15,7 @@ import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
 from moray.model.tokenizer import ChatMessage, IncrementalDetokenizer, Tokenizer, default_tokenizer_path
 
 TEXTS = [
