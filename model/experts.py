@@ -65,9 +65,9 @@ class ExpertBank(torch.nn.Module):
         return y
 
     def _expert(self, e: int, xs: torch.Tensor) -> torch.Tensor:
-        gate_up = xs @ self.w13[e].T  # [m, 2F]
+        gate_up = F.linear(xs, self.w13[e])  # [m, 2F]
         g, u = gate_up.chunk(2, dim=-1)
-        return (F.silu(g) * u) @ self.w2[e].T  # [m, D]
+        return F.linear(F.silu(g) * u, self.w2[e])  # [m, D]
 
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())

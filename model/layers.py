@@ -100,7 +100,7 @@ def paged_attention(
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral's router, G(x) = Softmax(TopK(x·Wg)): ids [T, A] int64 and gates [T, A] in x's dtype."""
-    scores = x @ gate_weight.T  # [T, E]
+    scores = F.linear(x, gate_weight)  # [T, E]
     top_scores, ids = torch.topk(scores.float(), top_k, dim=-1)  # [T, A]
     return ids, torch.softmax(top_scores, dim=-1).to(x.dtype)
 

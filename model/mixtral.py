@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from moray.model.config import MixtralConfig
 from moray.model.experts import LocalExperts
@@ -43,14 +44,19 @@ class Mixtral(torch.nn.Module):
         expert_names = [n for n in weights if ".experts." in n]
         if expert_names:
             raise ValueError(f"the attention side must hold no expert weight, got {expert_names[:3]}")
+        tensors = dict(weights)
+        for i in range(cfg.n_layers):  # q, k and v in one matmul
+            p = f"layers.{i}."
+            tensors[p + "wqkv"] = torch.cat([tensors.pop(p + "wq"), tensors.pop(p + "wk"), tensors.pop(p + "wv")])
         self.params = torch.nn.ParameterDict(
-            {n.replace(".", "_"): torch.nn.Parameter(t, requires_grad=False) for n, t in weights.items()}
+            {n.replace(".", "_"): torch.nn.Parameter(t, requires_grad=False) for n, t in tensors.items()}
         )
+        self._tensors = {n: self.params[n.replace(".", "_")] for n in tensors}  # plain dict: fast lookups
         device = weights["embed"].device
         self.cos, self.sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, device)
 
     def w(self, name: str) -> torch.Tensor:
-        return self.params[name.replace(".", "_")]
+        return self._tensors[name]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -66,21 +72,22 @@ class Mixtral(torch.nn.Module):
     def attention(self, layer: int, h: torch.Tensor, batch: StepBatch, kv: KVCache) -> Routed:
         cfg, p = self.cfg, f"layers.{layer}."
         x = rms_norm(h, self.w(p + "attn_norm"), cfg.norm_eps)
-        q = (x @ self.w(p + "wq").T).view(-1, cfg.n_heads, cfg.head_dim)  # [T, H, d]
-        k = (x @ self.w(p + "wk").T).view(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
-        v = (x @ self.w(p + "wv").T).view(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
+        q, k, v = F.linear(x, self.w(p + "wqkv")).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
+        q = q.reshape(-1, cfg.n_heads, cfg.head_dim)  # [T, H, d]
+        k = k.reshape(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
+        v = v.reshape(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
         cos, sin = self.cos[batch.positions], self.sin[batch.positions]  # [T, d]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv.write(layer, batch.slot_mapping, k, v)
         attn = paged_attention(q, kv.k[layer], kv.v[layer], batch)  # [T, H, d]
-        h = h + attn.flatten(1) @ self.w(p + "wo").T
+        h = h + F.linear(attn.flatten(1), self.w(p + "wo"))
         x = rms_norm(h, self.w(p + "ffn_norm"), cfg.norm_eps)
         ids, gates = route(x, self.w(p + "gate"), cfg.top_k)
         return Routed(h, x, ids, gates)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.w("embed") if self.cfg.tie_embeddings else self.w("lm_head")
-        return (rms_norm(h, self.w("norm"), self.cfg.norm_eps) @ head.T).float()  # [N, V]
+        return F.linear(rms_norm(h, self.w("norm"), self.cfg.norm_eps), head).float()  # [N, V]
 
     async def forward_step(self, batch: StepBatch, kv: KVCache, experts: ExpertBackend) -> torch.Tensor:
         """One engine step through every layer: next-token logits [N, V] at `batch.logits_index`."""
