@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_LOGPROBS = 20  # the OpenAI API's limit on top logprobs
+NUCLEUS_PREFIX = 1024  # top-p first looks for the nucleus among this many best tokens (a full sort is slow)
 
 _U64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / golden ratio)
@@ -116,7 +117,6 @@ def _int64(value: int) -> int:
 
 
 _GOLDEN_S, _MIX1_S, _MIX2_S = _int64(_GOLDEN), _int64(_MIX1), _int64(_MIX2)
-NUCLEUS_PREFIX = 1024  # top-p first looks for the nucleus among this many best tokens (a full sort is slow)
 
 
 def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -186,8 +186,9 @@ def test_top_p_on_a_large_vocab(device: torch.device, spread: float) -> None:
 # ---- logprobs -----------------------------------------------------------------------------------
 def test_logprobs_are_raw_log_softmax(device: torch.device) -> None:
     logits = (torch.randn(6, 32000, generator=torch.Generator().manual_seed(4)) * 2).to(device)
-    params = mixed_batch(6)
+    params, before = mixed_batch(6), logits.clone()
     out = sample(logits, SamplingTensors.from_params(params, range(6), [0] * 6, device), num_logprobs=4)
+    assert torch.equal(logits, before)  # the caller's logits are left alone
     reference = torch.log_softmax(logits.double(), dim=-1)
     chosen = reference.gather(-1, out.token_ids[:, None]).squeeze(-1)
     torch.testing.assert_close(out.logprobs.double(), chosen, atol=1e-5, rtol=0)
