@@ -295,7 +295,7 @@ def test_a_full_queue_answers_429_with_retry_after(served_app: ServedApp) -> Non
     flood = cfg.max_num_seqs + cfg.max_waiting + 48
 
     async def one(http: httpx.AsyncClient, i: int) -> httpx.Response:
-        body = {"prompt": [1, 100 + i], "max_tokens": 96, "temperature": 0, "ignore_eos": True}
+        body = {"prompt": [1, 100 + i], "max_tokens": 64, "temperature": 0, "ignore_eos": True}
         return await http.post(f"{served_app.base_url}/completions", json=body)
 
     async def all_at_once() -> list[httpx.Response]:
@@ -311,7 +311,7 @@ def test_a_full_queue_answers_429_with_retry_after(served_app: ServedApp) -> Non
         if r.status_code == 429:
             assert r.headers["retry-after"] and r.json()["error"]["code"] == 429
         else:
-            assert r.json()["usage"]["completion_tokens"] == 96
+            assert r.json()["usage"]["completion_tokens"] == 64
 
 
 # ---- concurrency and cancellation ---------------------------------------------------------------------

@@ -190,3 +190,15 @@ def test_generate_in_process_equals_the_server(served_app: Any) -> None:
     body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
     http = httpx.post(f"{served_app.base_url}/completions", json=body, timeout=120).json()
     assert out.stdout == http["choices"][0]["text"] + "\n"
+
+
+def test_make_tiny_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    from moray.model.config import MixtralConfig
+
+    command = [*moray_command(), "make-tiny", str(tmp_path / "ckpt"), "--layers", "2", "--experts", "4",
+               "--shards", "2"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    cfg = MixtralConfig.load(tmp_path / "ckpt")
+    assert (cfg.n_layers, cfg.n_experts) == (2, 4)
+    assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) == 2
