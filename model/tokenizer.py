@@ -205,7 +205,14 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.ids = list(prompt_ids[-(CONTEXT_TOKENS + 2):])  # only the tail matters; never the caller's list
         self.read_offset = len(self.ids)  # ids before it are already released as text
+        # A prompt that ends inside a character (ids sent by a client): its last bytes belong with
+        # the generated ones that complete the character.
+        while self.read_offset > len(self.ids) - 3 and self._ends_inside_a_character(self.read_offset):
+            self.read_offset -= 1
         self.prefix_offset = max(self.read_offset - CONTEXT_TOKENS, 0)  # decoding starts here
+
+    def _ends_inside_a_character(self, end: int) -> bool:
+        return self.tokenizer.decode(self.ids[:end]).endswith(REPLACEMENT)
 
     def add(self, token_id: int) -> str:
         """The text that `token_id` completes; "" while a character is incomplete."""
