@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +57,11 @@ class MorayClient:
         return _completion(out, out["choices"][0]["text"])
 
     def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
-        """Text deltas of `prompt`'s completion as the tokens come."""
+        """Text deltas of `prompt`'s completion as the tokens come (through Ray Client, `ray://`, which
+        has no streaming handles: the whole text as one piece)."""
+        if _through_ray_client():
+            yield self.generate(prompt, **sampling).text
+            return
         payload = {**sampling, "prompt": prompt}
         for chunk in _stream(self.handle.options(stream=True).complete_stream.remote(payload)):
             for choice in chunk["choices"]:
@@ -71,6 +76,12 @@ class MorayClient:
     def models(self) -> list[str]:
         out: dict[str, Any] = _result(self.handle.models.remote())
         return [card["id"] for card in out["data"]]
+
+
+def _through_ray_client() -> bool:
+    from ray.util.client import ray as ray_client
+
+    return bool(ray_client.is_connected())
 
 
 def _completion(out: dict[str, Any], text: str) -> Completion:
@@ -102,17 +113,29 @@ def _unwrap(e: BaseException) -> BaseException:
     return unwrap(e)
 
 
-def connect(address: str = "auto", app: str = "moray", *, auth_token: str | None = None,
-            timeout_s: float = 30.0) -> MorayClient:
+def connect(address: str = "auto", app: str = "moray", *, auth_token: str | None = None) -> MorayClient:
     """Join the Ray cluster at `address` ("auto", "host:6379" or "ray://host:10001") and return a client
     for the Serve application `app`. `auth_token`: the cluster's Ray auth token (module docstring)."""
+    if auth_token:
+        _use_token(auth_token)
     import ray
     from ray import serve
 
-    if auth_token:
-        os.environ[AUTH_MODE_ENV], os.environ[AUTH_TOKEN_ENV] = "token", auth_token
     if not ray.is_initialized():
         ray.init(address=address, namespace="serve", ignore_reinit_error=True, log_to_driver=False)
     handle = serve.get_app_handle(app)
     log.info("connected to Serve app %r at %s", app, address)
     return MorayClient(handle, app)
+
+
+def _use_token(token: str) -> None:
+    """Turn Ray's token auth on for this process with `token` (what `RAY_AUTH_MODE=token` +
+    `RAY_AUTH_TOKEN` do); Ray reads its config at import, so refresh it if Ray is already imported."""
+    os.environ[AUTH_MODE_ENV], os.environ[AUTH_TOKEN_ENV] = "token", token
+    if "ray" in sys.modules:
+        try:
+            from ray._raylet import Config  # type: ignore[attr-defined]  # what Ray calls itself
+
+            Config.initialize("")
+        except (ImportError, AttributeError) as e:  # a Ray without it: the env vars must do
+            log.warning("could not refresh Ray's config for token auth: %s", e)
