@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moray.model.layers import swiglu
+from moray.model.layers import blocked_linear, swiglu
 
 
 @dataclass
@@ -65,9 +65,9 @@ class ExpertBank(torch.nn.Module):
         return y
 
     def _expert(self, e: int, xs: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(xs, self.w13[e])  # [m, 2F]
+        gate_up = blocked_linear(xs, self.w13[e])  # [m, 2F]
         g, u = gate_up.chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u, self.w2[e])  # [m, D]
+        return blocked_linear(F.silu(g) * u, self.w2[e], block=256)  # [m, D]
 
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
