@@ -10,6 +10,7 @@ with an expert backend that calls the shards.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import secrets
 import time
@@ -27,6 +28,9 @@ from moray.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from moray.model.layers import StepBatch
 
 log = logging.getLogger(__name__)
+
+# The request ids in the step being computed, for expert backends that tag their calls (logs).
+STEP_REQUESTS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("moray_step_requests", default=())
 
 
 class RequestError(ValueError):
@@ -156,9 +160,10 @@ class AsyncEngine:
         self._ensure_loop()
         return seq
 
-    def _finish(self, seq: Sequence) -> None:
+    def _finish(self, seq: Sequence, reason: str = "cancelled") -> None:
         """Free a finished or cancelled sequence's blocks at once."""
         seq.done = True
+        log.info("request %s %s after %d tokens", seq.request.request_id, reason, seq.generated)
         if seq in self.running:
             self.running.remove(seq)
             self.pool.release(seq.blocks)
@@ -206,6 +211,8 @@ class AsyncEngine:
                 break
             self.waiting.popleft()
             seq.blocks, seq.hashes, seq.num_computed = alloc.blocks, alloc.hashes, alloc.cached_tokens
+            log.info("request %s admitted: %d prompt tokens (%d from the prefix cache), %d KV blocks",
+                     seq.request.request_id, seq.prompt_len, seq.num_computed, len(seq.blocks))
             self.running.append(seq)
             n = min(len(seq.tokens) - seq.num_computed, budget)
             sched.append((seq, n))
@@ -250,9 +257,11 @@ class AsyncEngine:
         halves = [sched]
         if self.config.pingpong and len(sched) > 1:
             halves = [sched[: len(sched) // 2], sched[len(sched) // 2:]]
-        parts = await asyncio.gather(
-            *(self.model.forward_step(self._batch(h), self.kv, timed_experts) for h in halves)
-        )
+        async def forward(half: list[tuple[Sequence, int]]) -> torch.Tensor:
+            STEP_REQUESTS.set(tuple(seq.request.request_id for seq, _ in half))  # this task's context only
+            return await self.model.forward_step(self._batch(half), self.kv, timed_experts)
+
+        parts = await asyncio.gather(*(forward(h) for h in halves))
         logits = torch.cat(list(parts))  # [N, V], rows in sched order of sequences that sample
         t1 = time.perf_counter()
         for seq, n in sched:
@@ -307,7 +316,7 @@ class AsyncEngine:
         seq.queue.put_nowait(TokenEvent(seq.request.request_id, token, delta, logprob, top, finish,
                                         seq.prompt_len, seq.generated))
         if finish is not None:
-            self._finish(seq)
+            self._finish(seq, f"finished ({finish})")
 
     @staticmethod
     def _stop_index(seq: Sequence) -> int | None:
