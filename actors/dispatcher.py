@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from moray.actors.experts import resolve_dtype
+from moray.actors.logs import setup_actor_logging
 from moray.actors.placement import Placement
 from moray.actors.transport import ShardedExperts
 from moray.model.config import MixtralConfig
@@ -26,9 +27,10 @@ log = logging.getLogger(__name__)
 
 
 class Dispatcher:
-    def __init__(self, model_dir: str, placement: Placement, shards: Sequence[Any], engine_config: EngineConfig,
-                 *, dtype: str | torch.dtype = "float32", device: str = "cpu", num_threads: int = 1,
-                 shard_timeout_s: float = 60.0) -> None:
+    def __init__(self, model_dir: str, placement: Placement, shards: Sequence[Any],
+                 engine_config: EngineConfig, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
+                 num_threads: int = 1, shard_timeout_s: float = 60.0) -> None:
+        setup_actor_logging()
         torch.set_num_threads(num_threads)
         cfg = MixtralConfig.load(model_dir)
         placement.validate(cfg.n_layers, cfg.n_experts)

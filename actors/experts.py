@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from moray.actors.logs import setup_actor_logging
 from moray.model.config import MixtralConfig
 from moray.model.experts import ExpertBank
 from moray.model.weights import load_experts
@@ -29,6 +30,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class ExpertShard:
     def __init__(self, model_dir: str, shard_id: int, experts: Mapping[int, Sequence[int]], *,
                  dtype: str | torch.dtype = "float32", device: str = "cpu", num_threads: int = 1) -> None:
+        setup_actor_logging()
         torch.set_num_threads(num_threads)
         self.shard_id, self.device = shard_id, torch.device(device)
         self.cfg = MixtralConfig.load(model_dir)
@@ -39,10 +41,21 @@ class ExpertShard:
         self.experts = experts
         self.tokens_served = torch.zeros(self.cfg.n_layers, self.cfg.n_experts, dtype=torch.long)
         self.busy_s = 0.0
+        self._seen: set[str] = set()
         log.info("expert shard %d holds %s (%.1f MB)", shard_id, _describe(experts), self.param_bytes() / 1e6)
 
-    def serve(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """One `ExpertRequest`: y [n, D] = Σ_j gates[:, j] · SwiGLU_{expert_ids[:, j]}(x)."""
+    def serve(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+              request_ids: Sequence[str] = ()) -> torch.Tensor:
+        """One `ExpertRequest`: y [n, D] = Σ_j gates[:, j] · SwiGLU_{expert_ids[:, j]}(x).
+
+        `request_ids` (sent with a step's first layer) name the requests in the step; each one is
+        logged once, when it first reaches this replica.
+        """
+        if request_ids:
+            joined = [r for r in request_ids if r not in self._seen]
+            if joined:
+                log.info("expert shard %d: requests joined: %s", self.shard_id, ", ".join(map(repr, joined)))
+            self._seen = set(request_ids)
         t = time.perf_counter()
         out_device = x.device
         ids = expert_ids.to(self.device)

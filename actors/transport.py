@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from moray.actors.placement import Placement, split_among_replicas
+from moray.model.engine import STEP_REQUESTS
 from moray.model.experts import split_by_shard
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,18 @@ class ShardedExperts:
         self.call_s = [0.0] * len(shards)
         self.retries = 0
 
-    async def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    async def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
+                       gates: torch.Tensor) -> torch.Tensor:
         shard_of = self.placement.route(layer, ids)  # [T, A]
         parts = split_by_shard(ids, gates, shard_of, len(self.shards))
         calls = [(s, chunk) for s, (rows, _, _) in enumerate(parts) if len(rows)
                  for chunk in self._split(s, len(rows))]
+        tags = STEP_REQUESTS.get() if layer == 0 else ()  # request ids reach the shards' logs once a step
         outs = await asyncio.gather(
-            *(self._call(s, layer, x[parts[s][0][c]], parts[s][1][c], parts[s][2][c]) for s, c in calls)
+            *(self._call(s, layer, x[parts[s][0][c]], parts[s][1][c], parts[s][2][c], tags) for s, c in calls)
         )
         y = torch.zeros_like(x)
-        for (s, c), part in zip(calls, outs):
+        for (s, c), part in zip(calls, outs, strict=True):
             y.index_add_(0, parts[s][0][c], part.to(y.device))
         return y
 
@@ -76,12 +79,12 @@ class ShardedExperts:
         return [slice(bounds[i], bounds[i + 1]) for i in range(k)]
 
     async def _call(self, shard: int, layer: int, x: torch.Tensor, ids: torch.Tensor,
-                    gates: torch.Tensor) -> torch.Tensor:
+                    gates: torch.Tensor, tags: tuple[str, ...] = ()) -> torch.Tensor:
         start = time.perf_counter()
         deadline, delay = start + self.shard_timeout_s, 0.1
         while True:
             try:
-                y = await self.shards[shard].serve.remote(layer, x, ids, gates)
+                y = await self.shards[shard].serve.remote(layer, x, ids, gates, tags)
                 break
             except Exception as e:
                 if not _retryable(e) or time.perf_counter() + delay > deadline:
@@ -91,7 +94,8 @@ class ShardedExperts:
                         ) from e
                     raise
                 self.retries += 1
-                log.warning("expert shard %d call failed (%s); retrying in %.1f s", shard, type(e).__name__, delay)
+                log.warning("expert shard %d call failed (%s); retrying in %.1f s", shard, type(e).__name__,
+                            delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         self.calls[shard] += 1
@@ -99,4 +103,5 @@ class ShardedExperts:
         return y
 
     def stats(self) -> dict[str, Any]:
-        return {"shard_calls": list(self.calls), "shard_call_s": list(self.call_s), "shard_retries": self.retries}
+        return {"shard_calls": list(self.calls), "shard_call_s": list(self.call_s),
+                "shard_retries": self.retries}
