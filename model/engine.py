@@ -22,15 +22,17 @@ from dataclasses import dataclass, field
 import torch
 
 from moray.model.kv_cache import BlockPool, KVCache
+from moray.model.layers import StepBatch
 from moray.model.mixtral import ExpertBackend, Mixtral
 from moray.model.sampling import SamplingParams, SamplingTensors, sample
 from moray.model.tokenizer import IncrementalDetokenizer, Tokenizer
-from moray.model.layers import StepBatch
 
 log = logging.getLogger(__name__)
 
 # The request ids in the step being computed, for expert backends that tag their calls (logs).
-STEP_REQUESTS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("moray_step_requests", default=())
+STEP_REQUESTS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "moray_step_requests", default=()
+)
 
 
 class RequestError(ValueError):
@@ -107,7 +109,9 @@ class Sequence:
 
 
 class AsyncEngine:
-    def __init__(self, model: Mixtral, experts: ExpertBackend, tokenizer: Tokenizer, config: EngineConfig) -> None:
+    def __init__(
+        self, model: Mixtral, experts: ExpertBackend, tokenizer: Tokenizer, config: EngineConfig
+    ) -> None:
         self.model, self.experts, self.tokenizer, self.config = model, experts, tokenizer, config
         self.max_model_len = min(config.max_model_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         bs = config.block_size
@@ -147,8 +151,10 @@ class AsyncEngine:
                 f"{n + p.max_tokens} tokens ({n} in the prompt, {p.max_tokens} for the completion)."
             )
         if self.pool.blocks_needed(n + p.max_tokens) > self.pool.num_blocks:
-            raise RequestError(f"the request needs {n + p.max_tokens} tokens of KV cache; the pool holds "
-                               f"{self.pool.num_blocks * self.pool.block_size}")
+            raise RequestError(
+                f"the request needs {n + p.max_tokens} tokens of KV cache; the pool holds "
+                f"{self.pool.num_blocks * self.pool.block_size}"
+            )
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
         vocab = self.model.cfg.vocab_size
@@ -211,8 +217,13 @@ class AsyncEngine:
                 break
             self.waiting.popleft()
             seq.blocks, seq.hashes, seq.num_computed = alloc.blocks, alloc.hashes, alloc.cached_tokens
-            log.info("request %s admitted: %d prompt tokens (%d from the prefix cache), %d KV blocks",
-                     seq.request.request_id, seq.prompt_len, seq.num_computed, len(seq.blocks))
+            log.info(
+                "request %s admitted: %d prompt tokens (%d from the prefix cache), %d KV blocks",
+                seq.request.request_id,
+                seq.prompt_len,
+                seq.num_computed,
+                len(seq.blocks),
+            )
             self.running.append(seq)
             n = min(len(seq.tokens) - seq.num_computed, budget)
             sched.append((seq, n))
@@ -221,12 +232,17 @@ class AsyncEngine:
 
     def _batch(self, sched: list[tuple[Sequence, int]]) -> StepBatch:
         bs = self.pool.block_size
-        tokens, positions, seq_index, query_index, slots, logits_index = [], [], [], [], [], []
-        tables = []
+        tokens: list[int] = []
+        positions: list[int] = []
+        seq_index: list[int] = []
+        query_index: list[int] = []
+        slots: list[int] = []
+        logits_index: list[int] = []
+        tables: list[list[int]] = []
         for row, (seq, n) in enumerate(sched):
             pos = list(range(seq.num_computed, seq.num_computed + n))
             start = len(tokens)
-            tokens += seq.tokens[pos[0]:pos[-1] + 1]
+            tokens += seq.tokens[pos[0] : pos[-1] + 1]
             positions += pos
             seq_index += [row] * n
             query_index += list(range(n))
@@ -235,20 +251,28 @@ class AsyncEngine:
             if pos[-1] + 1 == len(seq.tokens):
                 logits_index.append(start + n - 1)
         width = max(len(t) for t in tables)
-        long = dict(dtype=torch.long)
+
+        def long(values: list[int] | list[list[int]]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long)
+
         return StepBatch(
-            tokens=torch.tensor(tokens, **long), positions=torch.tensor(positions, **long),
-            seq_index=torch.tensor(seq_index, **long), query_index=torch.tensor(query_index, **long),
-            slot_mapping=torch.tensor(slots, **long),
-            block_tables=torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], **long),
-            logits_index=torch.tensor(logits_index, **long), max_query=max(n for _, n in sched),
+            tokens=long(tokens),
+            positions=long(positions),
+            seq_index=long(seq_index),
+            query_index=long(query_index),
+            slot_mapping=long(slots),
+            block_tables=long([t + [t[0]] * (width - len(t)) for t in tables]),
+            logits_index=long(logits_index),
+            max_query=max(n for _, n in sched),
         ).to(self.model.device)
 
     async def _step(self, sched: list[tuple[Sequence, int]]) -> None:
         t0 = time.perf_counter()
         expert_s = [0.0]
 
-        async def timed_experts(layer: int, x: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        async def timed_experts(
+            layer: int, x: torch.Tensor, ids: torch.Tensor, g: torch.Tensor
+        ) -> torch.Tensor:
             t = time.perf_counter()
             y = await self.experts(layer, x, ids, g)
             expert_s[0] += time.perf_counter() - t
@@ -256,7 +280,8 @@ class AsyncEngine:
 
         halves = [sched]
         if self.config.pingpong and len(sched) > 1:
-            halves = [sched[: len(sched) // 2], sched[len(sched) // 2:]]
+            halves = [sched[: len(sched) // 2], sched[len(sched) // 2 :]]
+
         async def forward(half: list[tuple[Sequence, int]]) -> torch.Tensor:
             STEP_REQUESTS.set(tuple(seq.request.request_id for seq, _ in half))  # this task's context only
             return await self.model.forward_step(self._batch(half), self.kv, timed_experts)
@@ -285,8 +310,9 @@ class AsyncEngine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         params = [s.params for s in seqs]
-        tensors = SamplingTensors.from_params(params, [s.seed for s in seqs], [s.generated for s in seqs],
-                                              logits.device)
+        tensors = SamplingTensors.from_params(
+            params, [s.seed for s in seqs], [s.generated for s in seqs], logits.device
+        )
         num_logprobs = max((p.logprobs or 0 for p in params), default=0)
         out = sample(logits, tensors, num_logprobs)
         ids, lps = out.token_ids.tolist(), out.logprobs.tolist()
@@ -295,10 +321,12 @@ class AsyncEngine:
             if seq.done:  # cancelled while the step ran
                 continue
             k = seq.params.logprobs
-            top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k is not None else None
+            top = list(zip(top_ids[i][:k], top_lps[i][:k], strict=False)) if k is not None else None
             self._append(seq, ids[i], lps[i] if k is not None else None, top)
 
-    def _append(self, seq: Sequence, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
+    def _append(
+        self, seq: Sequence, token: int, logprob: float | None, top: list[tuple[int, float]] | None
+    ) -> None:
         seq.tokens.append(token)
         p, finish = seq.params, None
         if (token == self.model.cfg.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
@@ -312,9 +340,12 @@ class AsyncEngine:
             finish = "length"
             seq.text += seq.detok.flush()
         end = len(seq.text) if finish else max(seq.emitted, len(seq.text) - seq.hold)
-        delta, seq.emitted = seq.text[seq.emitted:end], end
-        seq.queue.put_nowait(TokenEvent(seq.request.request_id, token, delta, logprob, top, finish,
-                                        seq.prompt_len, seq.generated))
+        delta, seq.emitted = seq.text[seq.emitted : end], end
+        seq.queue.put_nowait(
+            TokenEvent(
+                seq.request.request_id, token, delta, logprob, top, finish, seq.prompt_len, seq.generated
+            )
+        )
         if finish is not None:
             self._finish(seq, f"finished ({finish})")
 

@@ -27,8 +27,14 @@ class ExpertRequest:
 class ExpertBank(torch.nn.Module):
     """Several experts of one layer, stacked `[E, …]`, computed grouped: tokens sorted by expert."""
 
-    def __init__(self, expert_ids: Iterable[int], w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                 num_global_experts: int) -> None:
+    def __init__(
+        self,
+        expert_ids: Iterable[int],
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        w3: torch.Tensor,
+        num_global_experts: int,
+    ) -> None:
         super().__init__()
         self.expert_ids = list(expert_ids)
         # w1 and w3 fused: one matmul gives both halves of the SwiGLU input.
@@ -36,13 +42,22 @@ class ExpertBank(torch.nn.Module):
         self.w2 = torch.nn.Parameter(w2, requires_grad=False)  # [E, D, F]
         local = torch.full((num_global_experts,), -1, dtype=torch.long)
         local[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
+        self.local_index: torch.Tensor
         self.register_buffer("local_index", local, persistent=False)  # global id -> row in w13/w2
 
     @classmethod
-    def from_weights(cls, tensors: Mapping[str, torch.Tensor], layer: int, expert_ids: Iterable[int],
-                     num_global_experts: int) -> ExpertBank:
+    def from_weights(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        layer: int,
+        expert_ids: Iterable[int],
+        num_global_experts: int,
+    ) -> ExpertBank:
         ids = sorted(expert_ids)
-        stack = {w: torch.stack([tensors[f"layers.{layer}.experts.{e}.{w}"] for e in ids]) for w in ("w1", "w2", "w3")}
+        stack = {
+            w: torch.stack([tensors[f"layers.{layer}.experts.{e}.{w}"] for e in ids])
+            for w in ("w1", "w2", "w3")
+        }
         return cls(ids, stack["w1"], stack["w2"], stack["w3"], num_global_experts)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -58,7 +73,7 @@ class ExpertBank(torch.nn.Module):
         start = 0
         for e, count in enumerate(counts):  # one grouped matmul per expert, never per token
             if count:
-                out[start:start + count] = self._expert(e, xs[start:start + count])
+                out[start : start + count] = self._expert(e, xs[start : start + count])
                 start += count
         y = torch.zeros_like(x)
         y.index_add_(0, rows, out * gates.reshape(-1)[order, None].to(out.dtype))
@@ -80,20 +95,36 @@ class LocalExperts:
         self.banks = dict(banks)
 
     @classmethod
-    def from_weights(cls, tensors: Mapping[str, torch.Tensor], experts: Mapping[int, Iterable[int]],
-                     num_global_experts: int) -> LocalExperts:
-        return cls({layer: ExpertBank.from_weights(tensors, layer, ids, num_global_experts)
-                    for layer, ids in experts.items()})
+    def from_weights(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        experts: Mapping[int, Iterable[int]],
+        num_global_experts: int,
+    ) -> LocalExperts:
+        return cls(
+            {
+                layer: ExpertBank.from_weights(tensors, layer, ids, num_global_experts)
+                for layer, ids in experts.items()
+            }
+        )
 
     def serve(self, request: ExpertRequest) -> torch.Tensor:
         return self.banks[request.layer](request.x, request.expert_ids, request.gates)
 
-    async def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    async def __call__(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor
+    ) -> torch.Tensor:
         return self.serve(ExpertRequest(layer, x, ids, gates))
 
 
-def reference_moe(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
-                  weights: Mapping[str, torch.Tensor], layer: int, num_experts: int) -> torch.Tensor:
+def reference_moe(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    gates: torch.Tensor,
+    weights: Mapping[str, torch.Tensor],
+    layer: int,
+    num_experts: int,
+) -> torch.Tensor:
     """The slow, obvious loop (mistral-inference's moe.py): the oracle for `ExpertBank`."""
     y = torch.zeros_like(x)
     for e in range(num_experts):
@@ -104,8 +135,9 @@ def reference_moe(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
     return y
 
 
-def split_by_shard(ids: torch.Tensor, gates: torch.Tensor, shard_of: torch.Tensor,
-                   num_shards: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def split_by_shard(
+    ids: torch.Tensor, gates: torch.Tensor, shard_of: torch.Tensor, num_shards: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per shard: (rows, expert_ids [n, A] with -1 where another shard serves, gates [n, A]).
 
     ids, gates, shard_of: [T, A]. A token goes to a shard once, with every slot that shard serves.

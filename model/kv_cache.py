@@ -19,8 +19,14 @@ from moray.model.config import MixtralConfig
 class KVCache:
     """k/v [layers, num_blocks, block_size, K, d] in the model dtype on the model device."""
 
-    def __init__(self, cfg: MixtralConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+    def __init__(
+        self,
+        cfg: MixtralConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         shape = (cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -65,7 +71,7 @@ class BlockPool:
         """Chain hashes of the full blocks of prompt[:-1] (the last token is always recomputed)."""
         hashes, h = [], 0
         for start in range(0, len(prompt) - 1 - self.block_size + 1, self.block_size):
-            h = hash((h, tuple(prompt[start:start + self.block_size])))
+            h = hash((h, tuple(prompt[start : start + self.block_size])))
             hashes.append(h)
         return hashes
 

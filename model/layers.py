@@ -7,6 +7,7 @@ A active experts per token (top-k), F expert hidden dim.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -51,23 +52,33 @@ class StepBatch:
         return int(self.block_tables.shape[0])
 
     @classmethod
-    def for_sequence(cls, tokens: list[int], start: int, blocks: list[int], block_size: int,
-                     all_logits: bool = False) -> StepBatch:
+    def for_sequence(
+        cls, tokens: list[int], start: int, blocks: list[int], block_size: int, all_logits: bool = False
+    ) -> StepBatch:
         """One sequence's tokens at positions start.. (a prefill chunk, or one decode token)."""
         n = len(tokens)
         pos = torch.arange(start, start + n)
         table = torch.tensor(blocks, dtype=torch.long)
         return cls(
-            tokens=torch.tensor(tokens, dtype=torch.long), positions=pos,
-            seq_index=torch.zeros(n, dtype=torch.long), query_index=torch.arange(n),
+            tokens=torch.tensor(tokens, dtype=torch.long),
+            positions=pos,
+            seq_index=torch.zeros(n, dtype=torch.long),
+            query_index=torch.arange(n),
             slot_mapping=table[pos // block_size] * block_size + pos % block_size,
             block_tables=table[None, : -(-(start + n) // block_size)],
-            logits_index=torch.arange(n) if all_logits else torch.tensor([n - 1]), max_query=n,
+            logits_index=torch.arange(n) if all_logits else torch.tensor([n - 1]),
+            max_query=n,
         )
 
     def to(self, device: torch.device) -> StepBatch:
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
-        return StepBatch(**moved)
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+                if f.name != "max_query"
+            },
+        )
 
 
 def paged_attention(
@@ -114,7 +125,7 @@ def blocked_linear(x: torch.Tensor, w: torch.Tensor, block: int = 512) -> torch.
     """
     if x.device.type != "cpu" or x.shape[0] < 2 or w.shape[1] < 512 or w.shape[0] <= block:
         return F.linear(x, w)
-    return torch.cat([F.linear(x, w[j:j + block]) for j in range(0, w.shape[0], block)], dim=1)
+    return torch.cat([F.linear(x, w[j : j + block]) for j in range(0, w.shape[0], block)], dim=1)
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,9 @@ from moray.model.weights import load_attention, load_experts
 
 
 class ExpertBackend(Protocol):
-    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> Awaitable[torch.Tensor]:
-        ...
+    def __call__(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor
+    ) -> Awaitable[torch.Tensor]: ...
 
 
 @dataclass
@@ -47,7 +48,9 @@ class Mixtral(torch.nn.Module):
         tensors = dict(weights)
         for i in range(cfg.n_layers):  # q, k and v in one matmul
             p = f"layers.{i}."
-            tensors[p + "wqkv"] = torch.cat([tensors.pop(p + "wq"), tensors.pop(p + "wk"), tensors.pop(p + "wv")])
+            tensors[p + "wqkv"] = torch.cat(
+                [tensors.pop(p + "wq"), tensors.pop(p + "wk"), tensors.pop(p + "wv")]
+            )
         self.params = torch.nn.ParameterDict(
             {n.replace(".", "_"): torch.nn.Parameter(t, requires_grad=False) for n, t in tensors.items()}
         )
@@ -101,8 +104,9 @@ class Mixtral(torch.nn.Module):
         return sum(p.numel() * p.element_size() for p in self.params.values())
 
 
-def load_local(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[Mixtral, LocalExperts]:
+def load_local(
+    model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[Mixtral, LocalExperts]:
     """The whole model in this process: attention side plus every expert (the parity oracle)."""
     cfg = MixtralConfig.load(model_dir)
     attn = load_attention(model_dir, dtype=dtype, device=device)

@@ -63,10 +63,14 @@ class SamplingParams:
             (f"temperature must be >= 0, got {self.temperature}", not self.temperature >= 0),
             (f"top_p must be in (0, 1], got {self.top_p}", not 0 < self.top_p <= 1),
             (f"top_k must be >= 0 (0 = off), got {self.top_k}", self.top_k < 0),
-            (f"logprobs must be in 0..{MAX_LOGPROBS} or None, got {self.logprobs}",
-             self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS),
-            (f"seed must be an integer or None, got {self.seed!r}",
-             self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool))),
+            (
+                f"logprobs must be in 0..{MAX_LOGPROBS} or None, got {self.logprobs}",
+                self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS,
+            ),
+            (
+                f"seed must be an integer or None, got {self.seed!r}",
+                self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)),
+            ),
             ("stop must hold non-empty strings", not all(isinstance(s, str) and s for s in self.stop)),
         ]
 
@@ -86,8 +90,13 @@ class SamplingTensors:
     steps: torch.Tensor  # [B] int64: index of the token being sampled within its request
 
     @classmethod
-    def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int],
-                    device: torch.device | str = "cpu") -> SamplingTensors:
+    def from_params(
+        cls,
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+        steps: Sequence[int],
+        device: torch.device | str = "cpu",
+    ) -> SamplingTensors:
         if not len(params) == len(seeds) == len(steps):
             lengths = f"{len(params)}, {len(seeds)}, {len(steps)}"
             raise ValueError(f"params, seeds and steps differ in length: {lengths}")

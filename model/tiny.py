@@ -60,8 +60,17 @@ class TinySpec:
 
     def __post_init__(self) -> None:
         checks = {
-            "sizes must be positive": min(self.layers, self.dim, self.heads, self.kv_heads, self.experts,
-                                          self.hidden, self.vocab, self.max_seq_len) > 0,
+            "sizes must be positive": min(
+                self.layers,
+                self.dim,
+                self.heads,
+                self.kv_heads,
+                self.experts,
+                self.hidden,
+                self.vocab,
+                self.max_seq_len,
+            )
+            > 0,
             "dim must be a multiple of heads": self.dim % self.heads == 0,
             "head_dim (dim // heads) must be even": (self.dim // self.heads) % 2 == 0,
             "heads must be a multiple of kv_heads": self.heads % self.kv_heads == 0,
@@ -76,10 +85,20 @@ class TinySpec:
         return self.dim // self.heads
 
     def config(self) -> MixtralConfig:
-        return MixtralConfig(vocab_size=self.vocab, dim=self.dim, n_layers=self.layers, n_heads=self.heads,
-                             n_kv_heads=self.kv_heads, head_dim=self.head_dim, hidden_dim=self.hidden,
-                             n_experts=self.experts, top_k=self.top_k, rope_theta=self.rope_theta,
-                             norm_eps=self.norm_eps, max_seq_len=self.max_seq_len)
+        return MixtralConfig(
+            vocab_size=self.vocab,
+            dim=self.dim,
+            n_layers=self.layers,
+            n_heads=self.heads,
+            n_kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            hidden_dim=self.hidden,
+            n_experts=self.experts,
+            top_k=self.top_k,
+            rope_theta=self.rope_theta,
+            norm_eps=self.norm_eps,
+            max_seq_len=self.max_seq_len,
+        )
 
 
 # The issue's "small" config: reading the expert weights dominates a decode step.
@@ -94,10 +113,15 @@ def hf_shapes(spec: TinySpec) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab, D)}
     for i in range(spec.layers):
         p = f"model.layers.{i}"
-        shapes |= {f"{p}.input_layernorm.weight": (D,), f"{p}.self_attn.q_proj.weight": (q, D),
-                   f"{p}.self_attn.k_proj.weight": (kv, D), f"{p}.self_attn.v_proj.weight": (kv, D),
-                   f"{p}.self_attn.o_proj.weight": (D, q), f"{p}.post_attention_layernorm.weight": (D,),
-                   f"{p}.block_sparse_moe.gate.weight": (spec.experts, D)}
+        shapes |= {
+            f"{p}.input_layernorm.weight": (D,),
+            f"{p}.self_attn.q_proj.weight": (q, D),
+            f"{p}.self_attn.k_proj.weight": (kv, D),
+            f"{p}.self_attn.v_proj.weight": (kv, D),
+            f"{p}.self_attn.o_proj.weight": (D, q),
+            f"{p}.post_attention_layernorm.weight": (D,),
+            f"{p}.block_sparse_moe.gate.weight": (spec.experts, D),
+        }
         for e in range(spec.experts):
             x = f"{p}.block_sparse_moe.experts.{e}"
             shapes |= {f"{x}.w1.weight": (F, D), f"{x}.w2.weight": (D, F), f"{x}.w3.weight": (F, D)}
@@ -108,17 +132,32 @@ def hf_config(spec: TinySpec, dtype: torch.dtype = torch.float32) -> dict[str, o
     """`config.json` as transformers' MixtralConfig writes it (theta both at the top level and in
     transformers 5's `rope_parameters`, so either reader finds it)."""
     return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-        "vocab_size": spec.vocab, "hidden_size": spec.dim, "intermediate_size": spec.hidden,
-        "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
-        "num_key_value_heads": spec.kv_heads, "head_dim": spec.head_dim,
-        "num_local_experts": spec.experts, "num_experts_per_tok": spec.top_k,
-        "rms_norm_eps": spec.norm_eps, "rope_theta": spec.rope_theta,
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": spec.vocab,
+        "hidden_size": spec.dim,
+        "intermediate_size": spec.hidden,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "head_dim": spec.head_dim,
+        "num_local_experts": spec.experts,
+        "num_experts_per_tok": spec.top_k,
+        "rms_norm_eps": spec.norm_eps,
+        "rope_theta": spec.rope_theta,
         "rope_parameters": {"rope_theta": spec.rope_theta, "rope_type": "default"},
-        "max_position_embeddings": spec.max_seq_len, "sliding_window": None,
-        "hidden_act": "silu", "attention_dropout": 0.0, "initializer_range": 0.02,
-        "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0, "output_router_logits": False,
-        "tie_word_embeddings": False, "use_cache": True, "bos_token_id": 1, "eos_token_id": 2,
+        "max_position_embeddings": spec.max_seq_len,
+        "sliding_window": None,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "router_aux_loss_coef": 0.02,
+        "router_jitter_noise": 0.0,
+        "output_router_logits": False,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -159,8 +198,9 @@ def random_weights(spec: TinySpec, router_bias: Mapping[int, float] | None = Non
 CALIBRATION_TOKENS = (8, 64)  # sequences x tokens
 
 
-def calibrate_gates(tensors: dict[str, torch.Tensor], spec: TinySpec,
-                    router_bias: Mapping[int, float]) -> None:
+def calibrate_gates(
+    tensors: dict[str, torch.Tensor], spec: TinySpec, router_bias: Mapping[int, float]
+) -> None:
     g = _generator(spec, "calibration")
     ids = torch.randint(3, spec.vocab, CALIBRATION_TOKENS, generator=g)  # [B, T]
     h = tensors["model.embed_tokens.weight"][ids]  # [B, T, D]
@@ -195,8 +235,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def _attention(t: dict[str, torch.Tensor], p: str, spec: TinySpec, x: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> torch.Tensor:
+def _attention(
+    t: dict[str, torch.Tensor], p: str, spec: TinySpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
     B, T, _ = x.shape
 
     def heads(name: str, n: int) -> torch.Tensor:
@@ -204,8 +245,9 @@ def _attention(t: dict[str, torch.Tensor], p: str, spec: TinySpec, x: torch.Tens
 
     q, k = _rotate(heads("q_proj", spec.heads), cos, sin), _rotate(heads("k_proj", spec.kv_heads), cos, sin)
     v, rep = heads("v_proj", spec.kv_heads), spec.heads // spec.kv_heads  # [B, K, T, d]
-    out = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                         is_causal=True)  # [B, H, T, d]
+    out = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True
+    )  # [B, H, T, d]
     return out.transpose(1, 2).reshape(B, T, -1) @ t[f"{p}.self_attn.o_proj.weight"].T
 
 
@@ -237,8 +279,14 @@ def _shard_names(shapes: dict[str, tuple[int, ...]], shards: int) -> list[list[s
     return [names[a:b] for a, b in itertools.pairwise(cuts)]
 
 
-def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec(), *, shards: int = 1,
-              router_bias: Mapping[int, float] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+def make_tiny(
+    out_dir: str | Path,
+    spec: TinySpec = TinySpec(),
+    *,
+    shards: int = 1,
+    router_bias: Mapping[int, float] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write a random HF-format Mixtral checkpoint into `out_dir`: config.json, safetensors (one file, or
     `shards` files + `model.safetensors.index.json`), tokenizer.model (+ tokenizer.model.v1 for vLLM's
     `--tokenizer-mode mistral`). `router_bias={expert: strength}` makes every layer's gate prefer those
@@ -250,8 +298,11 @@ def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec(), *, shards: int =
     out.mkdir(parents=True, exist_ok=True)
     shapes = hf_shapes(spec)
     groups = _shard_names(shapes, shards)
-    files = ["model.safetensors"] if shards == 1 else [f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-                                                      for k in range(shards)]
+    files = (
+        ["model.safetensors"]
+        if shards == 1
+        else [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
+    )
     tensors = random_weights(spec, bias)
     for file, names in zip(files, groups, strict=True):
         part = {n: tensors[n].to(dtype).contiguous() for n in names}
@@ -265,8 +316,13 @@ def make_tiny(out_dir: str | Path, spec: TinySpec = TinySpec(), *, shards: int =
     return out
 
 
-def _write_index(out: Path, files: list[str], groups: list[list[str]], shapes: dict[str, tuple[int, ...]],
-                 dtype: torch.dtype) -> None:
+def _write_index(
+    out: Path,
+    files: list[str],
+    groups: list[list[str]],
+    shapes: dict[str, tuple[int, ...]],
+    dtype: torch.dtype,
+) -> None:
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = sum(torch.Size(s).numel() for s in shapes.values()) * itemsize
     weight_map = {n: f for f, names in zip(files, groups, strict=True) for n in names}
@@ -277,14 +333,22 @@ def _write_index(out: Path, files: list[str], groups: list[list[str]], shapes: d
 # ---- Mistral's consolidated format --------------------------------------------------------------
 def _consolidated_name(hf_name: str) -> str:
     """HF name -> Mistral's consolidated name (mistral-inference / vLLM's mistral loader)."""
-    fixed = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-             "lm_head.weight": "output.weight"}
+    fixed = {
+        "model.embed_tokens.weight": "tok_embeddings.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf_name in fixed:
         return fixed[hf_name]
-    parts = {".input_layernorm.": ".attention_norm.", ".post_attention_layernorm.": ".ffn_norm.",
-             ".self_attn.q_proj.": ".attention.wq.", ".self_attn.k_proj.": ".attention.wk.",
-             ".self_attn.v_proj.": ".attention.wv.", ".self_attn.o_proj.": ".attention.wo.",
-             ".block_sparse_moe.": ".feed_forward."}
+    parts = {
+        ".input_layernorm.": ".attention_norm.",
+        ".post_attention_layernorm.": ".ffn_norm.",
+        ".self_attn.q_proj.": ".attention.wq.",
+        ".self_attn.k_proj.": ".attention.wk.",
+        ".self_attn.v_proj.": ".attention.wv.",
+        ".self_attn.o_proj.": ".attention.wo.",
+        ".block_sparse_moe.": ".feed_forward.",
+    }
     name = hf_name.removeprefix("model.")
     for hf, mistral in parts.items():
         name = name.replace(hf, mistral)
@@ -307,8 +371,11 @@ def hf_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _hf_tensors(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     index = hf_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
         else ["model.safetensors"]
+    )
     for file in files:
         with safe_open(str(hf_dir / file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
@@ -328,11 +395,19 @@ def write_consolidated(hf_dir: str | Path, out_dir: str | Path) -> Path:
         n_heads = next((h for key, h in heads.items() if key in name), None)
         tensors[name] = (hf_to_interleaved(t, n_heads) if n_heads else t).contiguous()
     save_file(tensors, out / "consolidated.safetensors", metadata={"format": "pt"})
-    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "head_dim": cfg.head_dim,
-              "hidden_dim": cfg.hidden_dim, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
-              "norm_eps": cfg.norm_eps,
-              "vocab_size": cfg.vocab_size, "rope_theta": cfg.rope_theta, "max_seq_len": cfg.max_seq_len,
-              "moe": {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.top_k}}
+    params = {
+        "dim": cfg.dim,
+        "n_layers": cfg.n_layers,
+        "head_dim": cfg.head_dim,
+        "hidden_dim": cfg.hidden_dim,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads,
+        "norm_eps": cfg.norm_eps,
+        "vocab_size": cfg.vocab_size,
+        "rope_theta": cfg.rope_theta,
+        "max_seq_len": cfg.max_seq_len,
+        "moe": {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.top_k},
+    }
     (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     for name in ("tokenizer.model", "tokenizer.model.v1"):
         if (src / name).is_file():

@@ -203,7 +203,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self.ids = list(prompt_ids[-(CONTEXT_TOKENS + 2):])  # only the tail matters; never the caller's list
+        self.ids = list(prompt_ids[-(CONTEXT_TOKENS + 2) :])  # only the tail matters; never the caller's list
         self.read_offset = len(self.ids)  # ids before it are already released as text
         # A prompt that ends inside a character (ids sent by a client): its last bytes belong with
         # the generated ones that complete the character.
@@ -221,16 +221,16 @@ class IncrementalDetokenizer:
         if len(text) <= len(prefix) or text.endswith(REPLACEMENT):
             return ""
         self._advance()
-        return text[len(prefix):]
+        return text[len(prefix) :]
 
     def flush(self) -> str:
         """Whatever is held back (an incomplete character decodes as U+FFFD, as `decode` does)."""
         prefix, text = self._decode_window()
         self._advance()
-        return text[len(prefix):]
+        return text[len(prefix) :]
 
     def _decode_window(self) -> tuple[str, str]:
-        window = self.ids[self.prefix_offset:]
+        window = self.ids[self.prefix_offset :]
         decode = self.tokenizer.decode
         return decode(window[: self.read_offset - self.prefix_offset]), decode(window)
 

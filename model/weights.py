@@ -35,7 +35,10 @@ NAME_TABLE: dict[str, tuple[str, str]] = {
         "model.layers.{i}.post_attention_layernorm.weight",
         "layers.{i}.ffn_norm.weight",
     ),
-    "layers.{i}.gate": ("model.layers.{i}.block_sparse_moe.gate.weight", "layers.{i}.feed_forward.gate.weight"),
+    "layers.{i}.gate": (
+        "model.layers.{i}.block_sparse_moe.gate.weight",
+        "layers.{i}.feed_forward.gate.weight",
+    ),
 }
 EXPERT_TABLE: dict[str, tuple[str, str]] = {
     w: (
@@ -153,9 +156,13 @@ def load_experts(
     for layer, ids in experts.items():
         for e in ids:
             if not (0 <= layer < cfg.n_layers and 0 <= e < cfg.n_experts):
-                raise CheckpointError(f"no expert {e} in layer {layer}: the model has {cfg.n_layers} "
-                                      f"layers of {cfg.n_experts} experts")
-            wanted += [(f"layers.{layer}.experts.{e}.{w}", EXPERT_TABLE[w], shapes[w]) for w in ("w1", "w2", "w3")]
+                raise CheckpointError(
+                    f"no expert {e} in layer {layer}: the model has {cfg.n_layers} "
+                    f"layers of {cfg.n_experts} experts"
+                )
+            wanted += [
+                (f"layers.{layer}.experts.{e}.{w}", EXPERT_TABLE[w], shapes[w]) for w in ("w1", "w2", "w3")
+            ]
     return _load(ckpt, wanted, dtype, device)
 
 

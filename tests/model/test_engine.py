@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, QueueFullError, RequestError, TokenEvent
+from moray.model.engine import (
+    AsyncEngine,
+    EngineConfig,
+    GenerateRequest,
+    QueueFullError,
+    RequestError,
+    TokenEvent,
+)
 from moray.model.mixtral import load_local
 from moray.model.sampling import SamplingParams
 from moray.model.tokenizer import Tokenizer
@@ -28,8 +35,10 @@ async def run(engine: AsyncEngine, req: GenerateRequest) -> list[TokenEvent]:
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 32000, (int(torch.randint(2, 70, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(3, 32000, (int(torch.randint(2, 70, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 def ids(events: list[TokenEvent]) -> list[int]:
@@ -43,7 +52,9 @@ def alone(tiny_dir: Path) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("pingpong", [False, True])
-def test_concurrent_chunked_batches_equal_alone(tiny_dir: Path, alone: list[list[int]], pingpong: bool) -> None:
+def test_concurrent_chunked_batches_equal_alone(
+    tiny_dir: Path, alone: list[list[int]], pingpong: bool
+) -> None:
     """Chunked prefill (max_batch_tokens 64 < the longest prompts) + decodes, all at once."""
     engine = make_engine(tiny_dir, pingpong=pingpong, max_batch_tokens=24)
 
@@ -79,13 +90,20 @@ def test_seeded_sampling_is_reproducible_across_batches(tiny_dir: Path) -> None:
 def test_stop_string_cuts_text_and_streams_consistently(tiny_dir: Path) -> None:
     engine = make_engine(tiny_dir)
     prompt = prompts(1, seed=8)[0]
-    full = asyncio.run(run(engine, GenerateRequest(prompt, SamplingParams(max_tokens=24, temperature=0.0,
-                                                                           ignore_eos=True))))
+    full = asyncio.run(
+        run(engine, GenerateRequest(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)))
+    )
     text = "".join(e.text for e in full)
-    stop = text[len(text) // 2: len(text) // 2 + 3]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop, "the tiny model must produce some text"
-    cut = asyncio.run(run(engine, GenerateRequest(prompt, SamplingParams(max_tokens=24, temperature=0.0,
-                                                                          ignore_eos=True, stop=(stop,)))))
+    cut = asyncio.run(
+        run(
+            engine,
+            GenerateRequest(
+                prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=(stop,))
+            ),
+        )
+    )
     assert "".join(e.text for e in cut) == text[: text.index(stop)]
     assert cut[-1].finish_reason == "stop"
     assert len(cut) < len(full)

@@ -22,7 +22,9 @@ def test_grouped_bank_equals_loop_reference() -> None:
     ids = torch.stack([torch.randperm(8)[:2] for _ in range(37)])
     gates = torch.softmax(torch.randn(37, 2), -1)
     bank = ExpertBank.from_weights(weights, 0, range(8), 8)
-    torch.testing.assert_close(bank(x, ids, gates), reference_moe(x, ids, gates, weights, 0, 8), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        bank(x, ids, gates), reference_moe(x, ids, gates, weights, 0, 8), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_shards_sum_to_the_whole() -> None:

@@ -40,7 +40,7 @@ def full_logits(path: Path, tokens: list[int], chunks: list[int]) -> torch.Tenso
     blocks = [5, 2, 7, 0, 1, 3, 6, 4]  # deliberately out of order
     out, start = [], 0
     for n in chunks:
-        batch = StepBatch.for_sequence(tokens[start:start + n], start, blocks, 4, all_logits=True)
+        batch = StepBatch.for_sequence(tokens[start : start + n], start, blocks, 4, all_logits=True)
         out.append(asyncio.run(model.forward_step(batch, kv, experts)))
         start += n
     return torch.cat(out)
@@ -68,8 +68,13 @@ def test_prefill_then_decode_equals_one_forward(ckpt: Path) -> None:
 def test_greedy_tokens_match_transformers_generate(ckpt: Path) -> None:
     tokens = prompt(9, seed=2)
     with torch.no_grad():
-        hf = hf_model(ckpt).generate(torch.tensor([tokens]), max_new_tokens=16, do_sample=False,
-                                     min_new_tokens=16)[0, len(tokens):].tolist()
+        hf = (
+            hf_model(ckpt)
+            .generate(torch.tensor([tokens]), max_new_tokens=16, do_sample=False, min_new_tokens=16)[
+                0, len(tokens) :
+            ]
+            .tolist()
+        )
     model, experts = load_local(ckpt)
     engine = AsyncEngine(model, experts, Tokenizer.from_model_dir(ckpt), EngineConfig(block_size=4))
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)

@@ -55,18 +55,21 @@ def small_logits(device: torch.device) -> torch.Tensor:
 
 
 # ---- parameters ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": -0.1}, "temperature"),
-    ({"temperature": float("nan")}, "temperature"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -1}, "top_k"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"logprobs": 21}, "logprobs"),
-    ({"logprobs": -1}, "logprobs"),
-    ({"seed": 1.5}, "seed"),
-    ({"stop": ("",)}, "stop"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"seed": 1.5}, "seed"),
+        ({"stop": ("",)}, "stop"),
+    ],
+)
 def test_invalid_params_raise(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
@@ -95,8 +98,13 @@ def test_top_k_one_equals_greedy(device: torch.device) -> None:
 
 
 def mixed_batch(n: int) -> list[SamplingParams]:
-    kinds = [SamplingParams(), SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.8),
-             SamplingParams(top_k=20), SamplingParams(temperature=1.3, top_k=50, top_p=0.9)]
+    kinds = [
+        SamplingParams(),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7, top_p=0.8),
+        SamplingParams(top_k=20),
+        SamplingParams(temperature=1.3, top_k=50, top_p=0.9),
+    ]
     return [kinds[i % len(kinds)] for i in range(n)]
 
 
@@ -107,12 +115,16 @@ def test_same_seed_same_token_whatever_the_batch(device: torch.device) -> None:
     params, seeds, steps = mixed_batch(n), [1000 + 7 * i for i in range(n)], [i % 5 for i in range(n)]
     together = sample(logits, SamplingTensors.from_params(params, seeds, steps, device)).token_ids
     perm = torch.randperm(n, generator=g).tolist()
-    shuffled = sample(logits[perm], SamplingTensors.from_params(
-        [params[i] for i in perm], [seeds[i] for i in perm], [steps[i] for i in perm], device)).token_ids
+    shuffled = sample(
+        logits[perm],
+        SamplingTensors.from_params(
+            [params[i] for i in perm], [seeds[i] for i in perm], [steps[i] for i in perm], device
+        ),
+    ).token_ids
     assert torch.equal(shuffled, together[perm])
     for i in range(0, n, 3):  # alone, and beside other rows
         one = SamplingTensors.from_params([params[i]], [seeds[i]], [steps[i]], device)
-        alone = sample(logits[i:i + 1], one)
+        alone = sample(logits[i : i + 1], one)
         assert int(alone.token_ids[0]) == int(together[i]), f"row {i} ({params[i]})"
 
 
@@ -130,8 +142,10 @@ def test_seeds_and_steps_change_the_draw(device: torch.device) -> None:
 def test_seeds_wrap_to_64_bits(device: torch.device) -> None:
     logits = torch.zeros(1, 32000, device=device)
     p = [SamplingParams()]
-    tokens = [int(sample(logits, SamplingTensors.from_params(p, [s], [0], device)).token_ids[0])
-              for s in (-1, 2**64 - 1, 2**128 - 1)]
+    tokens = [
+        int(sample(logits, SamplingTensors.from_params(p, [s], [0], device)).token_ids[0])
+        for s in (-1, 2**64 - 1, 2**128 - 1)
+    ]
     assert len(set(tokens)) == 1
 
 

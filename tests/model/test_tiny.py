@@ -35,11 +35,17 @@ def expected_names(spec: TinySpec) -> set[str]:
     names = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     for i in range(spec.layers):
         p = f"model.layers.{i}"
-        names |= {f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight",
-                  f"{p}.block_sparse_moe.gate.weight"}
+        names |= {
+            f"{p}.input_layernorm.weight",
+            f"{p}.post_attention_layernorm.weight",
+            f"{p}.block_sparse_moe.gate.weight",
+        }
         names |= {f"{p}.self_attn.{x}_proj.weight" for x in "qkvo"}
-        names |= {f"{p}.block_sparse_moe.experts.{e}.{w}.weight"
-                  for e in range(spec.experts) for w in ("w1", "w2", "w3")}
+        names |= {
+            f"{p}.block_sparse_moe.experts.{e}.{w}.weight"
+            for e in range(spec.experts)
+            for w in ("w1", "w2", "w3")
+        }
     return names
 
 
@@ -52,7 +58,8 @@ def all_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def hf_model(model_dir: Path) -> tuple[object, dict[str, object]]:
     loaded: tuple[object, dict[str, object]] = transformers.MixtralForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, output_loading_info=True)
+        model_dir, dtype=torch.float32, output_loading_info=True
+    )
     return loaded
 
 
@@ -99,7 +106,7 @@ def test_transformers_loads_and_decodes(tiny_dir: Path) -> None:
     prompt = torch.tensor([[1, 22557, 28725, 910, 460, 368, 28804]])  # "<s>Hello, how are you?"
     with torch.no_grad():
         logits = model(prompt).logits  # type: ignore[operator]
-        generated = model.generate(prompt, max_new_tokens=16, do_sample=False)[0, prompt.shape[1]:]  # type: ignore[attr-defined]
+        generated = model.generate(prompt, max_new_tokens=16, do_sample=False)[0, prompt.shape[1] :]  # type: ignore[attr-defined]
     assert torch.isfinite(logits).all() and 0.3 < float(logits.std()) < 10
     assert len(set(generated.tolist())) >= 4, generated.tolist()
 
@@ -173,7 +180,13 @@ def test_invalid_specs_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="router_bias"):
         make_tiny(tmp_path, SPEC, router_bias={9: 1.0})
     assert (SMALL.dim, SMALL.hidden, SMALL.layers, SMALL.experts, SMALL.heads, SMALL.kv_heads) == (
-        1024, 3584, 8, 8, 16, 4)
+        1024,
+        3584,
+        8,
+        8,
+        16,
+        4,
+    )
 
 
 # ---- Mistral's consolidated format --------------------------------------------------------------
@@ -203,26 +216,36 @@ def test_consolidated_names_params_and_tensors(small_dir: Path, tmp_path: Path) 
     names = {"tok_embeddings.weight", "norm.weight", "output.weight"}
     for i in range(SPEC.layers):
         names |= {f"layers.{i}.attention.w{x}.weight" for x in "qkvo"}
-        names |= {f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight",
-                  f"layers.{i}.feed_forward.gate.weight"}
-        names |= {f"layers.{i}.feed_forward.experts.{e}.w{w}.weight"
-                  for e in range(SPEC.experts) for w in (1, 2, 3)}
+        names |= {
+            f"layers.{i}.attention_norm.weight",
+            f"layers.{i}.ffn_norm.weight",
+            f"layers.{i}.feed_forward.gate.weight",
+        }
+        names |= {
+            f"layers.{i}.feed_forward.experts.{e}.w{w}.weight" for e in range(SPEC.experts) for w in (1, 2, 3)
+        }
     assert set(mistral) == names
     assert torch.equal(mistral["output.weight"], hf["lm_head.weight"])
-    assert torch.equal(mistral["layers.1.feed_forward.experts.3.w2.weight"],
-                       hf["model.layers.1.block_sparse_moe.experts.3.w2.weight"])
+    assert torch.equal(
+        mistral["layers.1.feed_forward.experts.3.w2.weight"],
+        hf["model.layers.1.block_sparse_moe.experts.3.w2.weight"],
+    )
     assert torch.equal(mistral["layers.1.attention.wv.weight"], hf["model.layers.1.self_attn.v_proj.weight"])
     for x, heads in (("q", SPEC.heads), ("k", SPEC.kv_heads)):  # the converter maps ours back to HF's
-        assert torch.equal(converter_permute(mistral[f"layers.0.attention.w{x}.weight"], heads),
-                           hf[f"model.layers.0.self_attn.{x}_proj.weight"])
+        assert torch.equal(
+            converter_permute(mistral[f"layers.0.attention.w{x}.weight"], heads),
+            hf[f"model.layers.0.self_attn.{x}_proj.weight"],
+        )
 
 
 def test_consolidated_rope_scores_equal_transformers(small_dir: Path, tmp_path: Path) -> None:
     """Mistral's interleaved RoPE on consolidated weights gives HF's rotate_half RoPE scores on HF weights."""
     from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding, apply_rotary_pos_emb
 
-    mistral, hf = load_file(write_consolidated(small_dir, tmp_path / "c") / "consolidated.safetensors"), \
-        all_tensors(small_dir)
+    mistral, hf = (
+        load_file(write_consolidated(small_dir, tmp_path / "c") / "consolidated.safetensors"),
+        all_tensors(small_dir),
+    )
     T, d, rep = 11, SPEC.dim // SPEC.heads, SPEC.heads // SPEC.kv_heads
     x = torch.randn(T, SPEC.dim, generator=torch.Generator().manual_seed(1))
     q_hf = (x @ hf["model.layers.1.self_attn.q_proj.weight"].T).view(1, T, SPEC.heads, d).transpose(1, 2)
@@ -235,8 +258,10 @@ def test_consolidated_rope_scores_equal_transformers(small_dir: Path, tmp_path: 
     k = mistral_rope((x @ mistral["layers.1.attention.wk.weight"].T).view(T, SPEC.kv_heads, d), 1e6)
     scores = q.transpose(0, 1) @ k.transpose(0, 1).repeat_interleave(rep, 0).transpose(1, 2)
     torch.testing.assert_close(scores, scores_hf, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(hf_to_interleaved(hf["model.layers.1.self_attn.q_proj.weight"], SPEC.heads),
-                              hf["model.layers.1.self_attn.q_proj.weight"])
+    assert not torch.allclose(
+        hf_to_interleaved(hf["model.layers.1.self_attn.q_proj.weight"], SPEC.heads),
+        hf["model.layers.1.self_attn.q_proj.weight"],
+    )
 
 
 # ---- the embedded default -----------------------------------------------------------------------

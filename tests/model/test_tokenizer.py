@@ -170,22 +170,39 @@ def test_final_assistant_message_is_continued(tok: Tokenizer, mistral: MistralTo
 INVALID: dict[str, tuple[list[dict[str, Any]], str]] = {
     "empty": ([], "at least one message"),
     "lone assistant": ([{"role": "assistant", "content": "x"}], "must start with a user message"),
-    "system after assistant": ([{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
-                                {"role": "system", "content": "s"}, {"role": "user", "content": "v"}],
-                               "'system' after role 'assistant'"),
-    "empty assistant": ([{"role": "user", "content": "u"}, {"role": "assistant", "content": ""},
-                         {"role": "user", "content": "v"}], "assistant message must have content"),
-    "tool role": ([{"role": "user", "content": "u"},
-                   {"role": "tool", "content": "t", "tool_call_id": "abcdefghi"}], "role 'tool'"),
+    "system after assistant": (
+        [
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"},
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "v"},
+        ],
+        "'system' after role 'assistant'",
+    ),
+    "empty assistant": (
+        [
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": "v"},
+        ],
+        "assistant message must have content",
+    ),
+    "tool role": (
+        [{"role": "user", "content": "u"}, {"role": "tool", "content": "t", "tool_call_id": "abcdefghi"}],
+        "role 'tool'",
+    ),
     "unknown role": ([{"role": "robot", "content": "u"}], "role 'robot'"),
-    "system without content": ([{"role": "system", "content": None}, {"role": "user", "content": "u"}],
-                               "system message must have content"),
+    "system without content": (
+        [{"role": "system", "content": None}, {"role": "user", "content": "u"}],
+        "system message must have content",
+    ),
 }
 
 
 @pytest.mark.parametrize("name", INVALID)
-def test_invalid_conversations_are_refused_like_mistral_common(tok: Tokenizer, mistral: MistralTokenizer,
-                                                               name: str) -> None:
+def test_invalid_conversations_are_refused_like_mistral_common(
+    tok: Tokenizer, mistral: MistralTokenizer, name: str
+) -> None:
     messages, message = INVALID[name]
     with pytest.raises(Exception):  # noqa: B017 - mistral-common raises its own exception types
         reference_ids(mistral, messages)
@@ -213,7 +230,7 @@ def test_deltas_add_up_to_decode_at_every_split(tok: Tokenizer, text: str) -> No
         whole = prompt  # a prompt cut inside a character: the character is the completion's
         while tok.decode(whole).endswith("\ufffd"):
             whole = whole[:-1]
-        assert "".join(deltas) + tail == tok.decode(ids)[len(tok.decode(whole)):], (cut, deltas)
+        assert "".join(deltas) + tail == tok.decode(ids)[len(tok.decode(whole)) :], (cut, deltas)
         assert tail == "" and not any("\ufffd" in d for d in deltas), (cut, deltas)
     deltas, tail = stream(tok, [], ids[1:])
     assert "".join(deltas) + tail == tok.decode(ids[1:]) == text
@@ -254,7 +271,7 @@ def test_random_ids_stream_like_decode(tok: Tokenizer) -> None:
         generated = [rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 25))]
         prompt = [tok.bos_id] + [rng.randrange(259, tok.vocab_size) for _ in range(rng.randint(0, 9))]
         deltas, tail = stream(tok, prompt, generated)
-        assert "".join(deltas) + tail == tok.decode(prompt + generated)[len(tok.decode(prompt)):]
+        assert "".join(deltas) + tail == tok.decode(prompt + generated)[len(tok.decode(prompt)) :]
         deltas, tail = stream(tok, [], generated)
         assert "".join(deltas) + tail == tok.decode(generated)
 
@@ -264,6 +281,6 @@ def test_detokenizer_keeps_a_short_window(tok: Tokenizer) -> None:
     detok = IncrementalDetokenizer(tok, prompt_ids=prompt)
     ids = tok.encode(" once upon a time, 𝔘 there was a crab 🦀." * 40, bos=False)
     text = "".join(detok.add(t) for t in ids) + detok.flush()
-    assert text == tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+    assert text == tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
     assert len(detok.ids) < 16  # decodes a window, not the whole sequence
     assert prompt == tok.encode("The story begins")  # the caller's list is not touched

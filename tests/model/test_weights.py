@@ -25,7 +25,9 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_expert_role_reads_exactly_its_tensors(ckpt: Path) -> None:
     loaded = load_experts(ckpt, {0: [1, 2]})
-    names = {f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight" for e in (1, 2) for w in ("w1", "w2", "w3")}
+    names = {
+        f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight" for e in (1, 2) for w in ("w1", "w2", "w3")
+    }
     assert loaded.loaded == names
     assert loaded.nbytes == 2 * MixtralConfig.load(ckpt).expert_bytes(4)
 
@@ -55,7 +57,9 @@ def test_sharded_and_consolidated_load_the_same_model(ckpt: Path, tmp_path: Path
         for name, t in reference.items():
             torch.testing.assert_close(tensors[name], t, atol=0, rtol=0, msg=name)
     everything = {0: [0, 3]}
-    torch.testing.assert_close(load_experts(consolidated, everything).tensors, load_experts(ckpt, everything).tensors)
+    torch.testing.assert_close(
+        load_experts(consolidated, everything).tensors, load_experts(ckpt, everything).tensors
+    )
 
 
 def test_model_runs_from_consolidated(ckpt: Path, tmp_path: Path) -> None:
@@ -91,7 +95,9 @@ def test_shape_mismatch_names_tensor_and_file(ckpt: Path, tmp_path: Path) -> Non
     cfg = json.loads((d / "config.json").read_text())
     cfg["intermediate_size"] = 64
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"experts\.0\.w1\.weight.*model\.safetensors.*\(48, 32\).*\(64, 32\)"):
+    with pytest.raises(
+        CheckpointError, match=r"experts\.0\.w1\.weight.*model\.safetensors.*\(48, 32\).*\(64, 32\)"
+    ):
         load_experts(d, {0: [0]})
 
 
