@@ -105,19 +105,22 @@ class TransformersTarget:
 class HttpTarget:
     """Streaming `/v1/completions` against `base_url` (no `/v1`), one chunk per token."""
 
-    def __init__(self, base_url: str, logprobs: bool = True, model: str | None = None) -> None:
+    def __init__(self, base_url: str, logprobs: bool = True, model: str | None = None,
+                 transport: Any = None) -> None:
         import httpx
 
-        self.base_url, self.logprobs = base_url.rstrip("/"), logprobs
+        self.base_url, self.logprobs, self.transport = base_url.rstrip("/"), logprobs, transport
         self.model = model or httpx.get(f"{self.base_url}/v1/models", timeout=30).json()["data"][0]["id"]
         self._client: Any = None
+        self.has_status = True  # moray's /v1/moray/status; False once the server answers otherwise
 
     def client(self) -> Any:
         import httpx
 
         if self._client is None:
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=30.0), limits=limits)
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=30.0), limits=limits,
+                                             transport=self.transport)
         return self._client
 
     async def stream(self, job: Job) -> AsyncIterator[int]:
@@ -143,8 +146,11 @@ class HttpTarget:
 
     async def snapshot(self) -> dict[str, Any]:
         """moray's engine stats (`/v1/moray/status`), {} from other servers."""
+        if not self.has_status:
+            return {}
         r = await self.client().get(f"{self.base_url}/v1/moray/status")
-        return dict(r.json().get("dispatcher") or {}) if r.status_code == 200 else {}
+        self.has_status = r.status_code == 200
+        return dict(r.json().get("dispatcher") or {}) if self.has_status else {}
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -290,7 +296,7 @@ def run_online(args: argparse.Namespace) -> dict[str, Any]:
     """Closed-loop load on a running server at each concurrency level."""
     facts = model_facts(args.model) if args.model else None
     report = new_report(args, facts)
-    report["bandwidth"] = measure_bandwidth() if facts else None
+    report["bandwidth"] = measure_bandwidth(args.bandwidth_gib) if facts else None
     target = HttpTarget(args.url, not args.no_logprobs)
     for c in args.concurrency:
         jobs = make_jobs(args.num_requests or c, args.prompt_len, args.output_len,
@@ -315,7 +321,8 @@ def ray_processes(url: str) -> Iterator[Any]:
         scope = psutil.Process(listener)
         while scope.parent() is not None and "raylet" not in scope.name():
             scope = scope.parent()
-    candidates = scope.children(recursive=True) if scope and "raylet" in scope.name() else psutil.process_iter()
+    found = scope is not None and "raylet" in scope.name()
+    candidates = scope.children(recursive=True) if found else psutil.process_iter()
     for p in candidates:
         try:
             cmd = p.cmdline()
@@ -513,7 +520,7 @@ def _plot_split(report: dict[str, Any], path: Path, plt: Any) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(runs) + 2), 4))
     bottom = [0.0] * len(runs)
     for part in parts:
-        ys = [r["step"]["ms_per_step"][part] for r in runs]
+        ys = [r["step"]["ms_per_step"][part] or 0.0 for r in runs]
         ax.bar(range(len(runs)), ys, bottom=bottom, label=part)
         bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
     ax.set_xticks(range(len(runs)), [f"{r['system']}\nc={r['concurrency']}" for r in runs], fontsize=6,

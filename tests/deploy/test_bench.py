@@ -1,0 +1,173 @@
+"""`moray bench`: its statistics against numpy, and short runs on a very small model (JSON keys, sane
+values, a Markdown table that renders), in process, through the real OpenAI ingress over ASGI, and
+against transformers' `generate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from moray.deploy import bench
+from moray.deploy.cli import main as cli_main
+from moray.model.tiny import TinySpec, make_tiny
+
+SPEC = TinySpec(layers=1, dim=32, heads=2, kv_heads=1, experts=4, hidden=32, seed=5)
+RUN_KEYS = {"system", "concurrency", "requests", "errors", "prompt_tokens", "output_tokens", "duration_s",
+            "requests_per_s", "output_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s",
+            "itl_s", "e2e_s", "step", "vs_transformers", "bound"}
+STEP_PARTS = {"attention", "router", "transport", "expert_compute", "sampling", "total"}
+
+
+@pytest.fixture(scope="module")
+def micro_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("micro"), SPEC)
+
+
+# ---- statistics ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1001])
+def test_percentile_matches_numpy(n: int) -> None:
+    rng = np.random.default_rng(n)
+    values = rng.exponential(size=n).tolist()
+    for q in (0, 1, 50, 90, 99, 99.9, 100):
+        assert bench.percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+    d = bench.describe(values)
+    assert d["mean"] == pytest.approx(float(np.mean(values)))
+    assert d["p50"] <= d["p90"] <= d["p99"]
+
+
+def test_empty_statistics_are_none() -> None:
+    assert bench.percentile([], 50) is None
+    assert bench.describe([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
+
+
+def test_union_length_matches_a_grid() -> None:
+    rng = random.Random(0)
+    for _ in range(50):
+        starts = [rng.randint(0, 40) for _ in range(rng.randint(0, 6))]
+        intervals = [(a, a + rng.randint(0, 9)) for a in starts]
+        covered = np.zeros(60, dtype=bool)
+        for a, b in intervals:
+            covered[a:b] = True  # unit cells [i, i+1) inside [a, b)
+        assert bench.union_length([(float(a), float(b)) for a, b in intervals]) == covered.sum()
+
+
+def test_summary_of_known_records() -> None:
+    records = [bench.RequestRecord(4, 0.0, [1.0, 1.5, 2.5], 3, 2.5),
+               bench.RequestRecord(6, 0.5, [2.0, 2.2], 2, 2.2),
+               bench.RequestRecord(5, 0.0, [], 0, 0.1, error="RuntimeError: boom")]
+    s = bench.summarize(records, 0.0, 2.5)
+    assert (s["requests"], s["errors"], s["prompt_tokens"], s["output_tokens"]) == (2, 1, 10, 5)
+    assert s["output_tokens_per_s"] == pytest.approx(5 / 2.5)
+    assert s["prefill_tokens_per_s"] == pytest.approx(10 / 2.0)  # someone awaits a first token in [0, 2]
+    assert s["decode_tokens_per_s"] == pytest.approx(3 / 1.5)  # someone decodes in [1, 2.5]
+    assert s["itl_s"]["p50"] == pytest.approx(float(np.percentile([0.5, 1.0, 0.2], 50)))
+    assert s["ttft_s"]["mean"] == pytest.approx(np.mean([1.0, 1.5]))
+
+
+def test_length_distributions() -> None:
+    assert bench.LengthDist.parse("64") == bench.LengthDist(64, 64)
+    dist = bench.LengthDist.parse("3:9")
+    rng = random.Random(1)
+    draws = {dist.sample(rng) for _ in range(500)}
+    assert draws == set(range(3, 10))
+    for bad in ("0", "9:3", "1:2:3", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.LengthDist.parse(bad)
+
+
+# ---- runs ------------------------------------------------------------------------------------------------
+def check_run(run: dict[str, Any], requests: int, output_len: int) -> None:
+    assert RUN_KEYS <= set(run), RUN_KEYS - set(run)
+    assert run["errors"] == 0 and run["requests"] == requests
+    assert run["output_tokens"] == requests * output_len  # greedy with ignore_eos: full length
+    assert run["prompt_tokens"] > 0 and run["output_tokens_per_s"] > 0 and run["duration_s"] > 0
+    for key in ("ttft_s", "itl_s", "e2e_s"):
+        d = run[key]
+        assert 0 <= d["p50"] <= d["p90"] <= d["p99"], (key, d)
+    assert run["ttft_s"]["p99"] <= run["e2e_s"]["p99"]
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    """Cells of every table row (header rows included), as markdown-it renders GitHub tables."""
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt("commonmark").enable("table").render(text)
+    return [re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", tr) for tr in re.findall(r"<tr>(.*?)</tr>", html, re.S)]
+
+
+def table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def test_local_bench_writes_json_and_markdown(micro_dir: Path, tmp_path: Path) -> None:
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    code = cli_main(["bench", "--local", "--model", str(micro_dir), "--concurrency", "1,3", "--prompt-len",
+                     "4:9", "--output-len", "3", "--num-requests", "4", "--bandwidth-gib", "0.02",
+                     "--out", str(out), "--markdown", str(md), "--no-progress"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert {"machine", "model", "workload", "runs", "bandwidth"} <= set(report)
+    assert report["bandwidth"]["copy_bytes_per_s"] > 0
+    assert [(r["system"], r["concurrency"]) for r in report["runs"]] == [("moray-local", 1),
+                                                                         ("moray-local", 3)]
+    for run in report["runs"]:
+        check_run(run, requests=4, output_len=3)
+        assert set(run["step"]["ms_per_step"]) >= STEP_PARTS
+        assert run["step"]["ms_per_step"]["transport"] == 0.0  # in process
+        assert 0 < run["bound"]["fraction"]
+        assert 1 <= run["bound"]["experts_touched_per_layer"] <= SPEC.experts
+    text = md.read_text()
+    rows = markdown_rows(text)
+    assert len(rows) == 2 * (1 + len(report["runs"]))  # two tables: header + one row per run
+    assert [r[:2] for r in rows[1:3]] == [["moray-local", "1"], ["moray-local", "3"]]
+    lines = table_lines(text)
+    first, second = lines[:4], lines[4:]
+    assert len({line.count("|") for line in first}) == 1 and len({line.count("|") for line in second}) == 1
+
+
+def test_http_target_through_the_openai_ingress(micro_dir: Path) -> None:
+    httpx = pytest.importorskip("httpx")
+    from moray.deploy.bench_peers import HttpTarget
+    from moray.deploy.config import ServerConfig
+    from moray.deploy.openai import OpenAIIngress, create_api
+    from moray.model.engine import EngineConfig
+
+    local = bench.LocalTarget(str(micro_dir), EngineConfig(max_num_seqs=4))
+    ingress = OpenAIIngress(local.engine, ServerConfig(model=str(micro_dir), api_key=None), str(micro_dir))
+    target = HttpTarget("http://bench.test", True, ingress.served_model_name,
+                        transport=httpx.ASGITransport(app=create_api(ingress)))
+    jobs = bench.make_jobs(3, bench.LengthDist(5, 8), bench.LengthDist(4, 4), SPEC.vocab, seed=2)
+    facts = bench.model_facts(str(micro_dir))
+    run = asyncio.run(bench.measure(target, jobs, 2, "http", False, facts))
+    check_run({**run, "system": "http", "concurrency": 2, "vs_transformers": None, "bound": None}, 3, 4)
+    assert run["step"] is not None and run["step"]["steps"] > 0  # /v1/moray/status answered
+
+
+def test_compare_against_transformers(micro_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "compare.json"
+    code = cli_main(["bench", "--compare", "--systems", "transformers,moray-local", "--model", str(micro_dir),
+                     "--concurrency", "2", "--prompt-len", "3:6", "--output-len", "3", "--bandwidth-gib",
+                     "0.02", "--out", str(out), "--no-progress"])
+    assert code == 0
+    runs = {r["system"]: r for r in json.loads(out.read_text())["runs"]}
+    check_run(runs["transformers"], requests=2, output_len=3)
+    check_run(runs["moray-local"], requests=2, output_len=3)
+    assert runs["transformers"]["vs_transformers"] == 1.0
+    ratio = runs["moray-local"]["output_tokens_per_s"] / runs["transformers"]["output_tokens_per_s"]
+    assert runs["moray-local"]["vs_transformers"] == pytest.approx(ratio)
+
+
+def test_bad_mode_combinations_fail_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["bench", "--local", "--num-shards", "2"]) == 2
+    assert cli_main(["bench", "--soak", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("moray: error:") for line in err)
