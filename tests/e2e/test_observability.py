@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 
 
-
 def log_lines_with(session_dirs: list[Path], needle: str) -> list[str]:
     lines = []
     for d in session_dirs:
