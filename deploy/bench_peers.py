@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -35,6 +36,7 @@ from moray.deploy.bench import (
     LocalTarget,
     RequestRecord,
     UsageCount,
+    best_of,
     drive,
     ensure_ray,
     finish_report,
@@ -57,11 +59,15 @@ SKEW_TARGET_TOKENS_S = 500.0  # autoscaling target per shard replica in the skew
 class TransformersTarget:
     """`MixtralForCausalLM.generate` on static batches of `concurrency` requests (left padding)."""
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, experts_implementation: str | None = None) -> None:
         import torch
         import transformers
 
-        self.model = transformers.MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        extra: dict[str, Any] = {}
+        if experts_implementation:  # transformers 5 defaults to "grouped_mm"; "eager" is its loop
+            extra["experts_implementation"] = experts_implementation
+        self.model = transformers.MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                                     **extra).eval()
         self._generate([Job([5, 6, 7, 8], 2)])  # warm-up
 
     def run_batch(self, jobs: Sequence[Job], concurrency: int, progress: bool) -> dict[str, Any]:
@@ -301,7 +307,8 @@ def run_online(args: argparse.Namespace) -> dict[str, Any]:
     for c in args.concurrency:
         jobs = make_jobs(args.num_requests or c, args.prompt_len, args.output_len,
                          facts["vocab_size"] if facts else args.vocab_size, args.seed + c)
-        result = asyncio.run(measure(target, jobs, c, f"{args.url} c={c}", not args.no_progress, facts))
+        once = partial(_measure_once, target, jobs, c, f"{args.url} c={c}", not args.no_progress, facts)
+        result = best_of(args.repeats, once, args.wait_quiet, args.wait_quiet_timeout)
         report["runs"].append({"system": f"server {target.model}", "concurrency": c, **result})
     finish_report(report, facts, {})
     return report
@@ -479,10 +486,16 @@ def _run_levels(report: dict[str, Any], name: str, target: Any, args: argparse.N
     for c in args.concurrency:
         jobs = make_jobs(n_jobs or 4 * c, args.prompt_len, args.output_len, facts["vocab_size"],
                          args.seed + c)
-        result = asyncio.run(measure(target, jobs, c, f"{name} c={c}", not args.no_progress, facts))
+        once = partial(_measure_once, target, jobs, c, f"{name} c={c}", not args.no_progress, facts)
+        result = best_of(args.repeats, once, args.wait_quiet, args.wait_quiet_timeout)
         report["runs"].append({"system": name, "concurrency": c, **result})
         log.info("bench: %s c=%d: %.1f output tok/s, ITL p99 %.1f ms", name, c, result["output_tokens_per_s"],
                  1e3 * (result["itl_s"]["p99"] or 0.0))
+
+
+def _measure_once(target: Any, jobs: list[Job], concurrency: int, desc: str, progress: bool,
+                  facts: dict[str, Any] | None) -> dict[str, Any]:
+    return asyncio.run(measure(target, jobs, concurrency, desc, progress, facts))
 
 
 # ---- plots ---------------------------------------------------------------------------------------
