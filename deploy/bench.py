@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import random
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
@@ -312,6 +313,7 @@ def ensure_ray(cpus_needed: float) -> None:
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
                  log_to_driver=False, include_dashboard=False)
+        signal.signal(signal.SIGTERM, _interrupt)  # ray.init replaced it
 
 
 async def measure(target: Any, jobs: Sequence[Job], concurrency: int, desc: str, progress: bool,
@@ -376,12 +378,12 @@ def bound(facts: dict[str, Any], bandwidth_bps: float, concurrency: int, decode_
 
 # ---- systems -------------------------------------------------------------------------------------
 def system_names(args: argparse.Namespace) -> list[str]:
-    """The systems this invocation measures, in the order they run (peers first, Ray last)."""
+    """The systems this invocation measures, in the order they run (Ray's last: its daemons stay up)."""
     n = args.num_shards or 2
     if args.compare:
         names = args.systems.split(",") if args.systems else [
-            "transformers", "transformers-eager", "moray-local", f"moray-actors-{n}",
-            f"moray-actors-{n}-pingpong", f"moray-serve-{n}", *(["vllm"] if args.vllm_python else [])]
+            "transformers", "transformers-eager", "moray-local", *(["vllm"] if args.vllm_python else []),
+            f"moray-actors-{n}", f"moray-actors-{n}-pingpong", f"moray-serve-{n}"]
         return [s.strip() for s in names if s.strip()]
     suffix = "-pingpong" if args.pingpong else ""
     return [f"moray-actors-{args.num_shards}{suffix}" if args.num_shards else f"moray-local{suffix}"]
@@ -423,11 +425,12 @@ def run_system(target: Any, jobs: list[Job], concurrency: int, name: str, progre
 
 
 def cpu_busy(window_s: float = 1.0) -> float:
-    """Fraction of this machine's CPU time spent busy over `window_s` (from /proc/stat; 0 elsewhere)."""
+    """Fraction of this machine's CPU time spent busy at normal priority over `window_s` (/proc/stat;
+    0 elsewhere). Niced processes (`nice` column) are left out: they yield the CPU to the benchmark."""
     def ticks() -> tuple[int, int]:
         fields = [int(x) for x in (_read("/proc/stat").splitlines() or ["cpu 0"])[0].split()[1:]]
-        idle = sum(fields[3:5])  # idle + iowait
-        return sum(fields) - idle, sum(fields)
+        idle, nice = sum(fields[3:5]), fields[1] if len(fields) > 1 else 0  # idle + iowait; nice
+        return sum(fields) - idle - nice, sum(fields)
 
     busy0, total0 = ticks()
     time.sleep(window_s)
@@ -720,6 +723,10 @@ def check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _interrupt(signum: int, _: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every target's close()
+
+
 def run(args: argparse.Namespace) -> int:
     from moray.deploy import bench_peers as peers
 
@@ -728,6 +735,7 @@ def run(args: argparse.Namespace) -> int:
         from moray.deploy.cli import fail
 
         return fail(problem)
+    signal.signal(signal.SIGTERM, _interrupt)  # Ray's handler would leave actors and vLLM running
     for noisy in ("moray.model.engine", "moray.actors.runtime", "moray.model.tiny", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # per-request lines would drown the tables
     if args.soak:
