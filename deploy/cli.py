@@ -45,8 +45,9 @@ class Plugin:
 
 PLUGINS: dict[str, Plugin] = {
     "bench": Plugin("moray.deploy.bench", "benchmark throughput and latency (local, Ray or a server)"),
-    "status": Plugin("moray.deploy.status", "replica counts and expert token rates of a running app"),
-    "plan-placement": Plugin("moray.deploy.plan_placement", "EPLB-style placement from recorded loads"),
+    "status": Plugin("moray.deploy.balance", "replica counts and expert token rates of a running app",
+                     "add_status_arguments", "run_status"),
+    "plan-placement": Plugin("moray.deploy.balance", "EPLB-style placement from recorded loads"),
     "routing-report": Plugin("moray.deploy.routing", "router statistics and plots (Mixtral paper, sec. 5)"),
 }
 

@@ -5,14 +5,25 @@ which it reports to Serve's autoscaler (`record_autoscaling_stats`, tokens route
 to Prometheus (`moray_expert_tokens_total{layer,expert,shard}`). `ServedDispatcher` adds to
 `Dispatcher` the engine gauges and step-phase histograms, and keeps `ShardedExperts.replicas` in
 step with Serve's live replica counts so a hot shard's rows are split over all its replicas.
+
+Each chunk of a split goes to the least-loaded replica: `LeastLoadedRouter` is a Serve request
+router (`ray.serve.request_router`, set on the shard deployments with `shard_router_config()`)
+that picks the replica with the fewest calls in flight from this dispatcher. Serve's default
+power-of-two router only counts a call once it is sent, so two chunks routed at the same moment
+often land on the same replica; this one counts each choice as it makes it.
+
+Every replica describes its load in `load_report()`, which is also its `record_routing_stats()`:
+Serve polls it for the routers, and `moray status` reads it from each replica actor.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,7 +41,8 @@ REFRESH_S = 2.0  # how often the dispatcher re-reads replica counts from Serve
 
 
 class ServedExpertShard(ExpertShard):
-    def __init__(self, model_dir: str, shard_id: int, experts: Mapping[int, Sequence[int]], **kwargs: Any) -> None:
+    def __init__(self, model_dir: str, shard_id: int, experts: Mapping[int, Sequence[int]],
+                 **kwargs: Any) -> None:
         super().__init__(model_dir, shard_id, experts, **kwargs)
         self.window = TokenWindow()
         self._pending: dict[tuple[int, int], int] = {}
@@ -59,6 +71,30 @@ class ServedExpertShard(ExpertShard):
 
     def token_rates(self) -> dict[str, float]:
         return self.window.stats()
+
+    def load_report(self) -> dict[str, Any]:
+        """This replica's load: identity, tokens/s over the window, and cumulative tokens served per
+        (layer, expert) as sparse `[layer, expert, n]` rows (its own experts only)."""
+        served = self.tokens_served  # [L, E]
+        rows = [[lay, e, int(served[lay, e])] for lay, e in served.nonzero().tolist()]
+        rates = [[lay, e, r] for (lay, e), r in sorted(self.window.rates().items())]
+        return {"shard": self.shard_id, "replica": _replica_id(), "num_layers": self.cfg.n_layers,
+                "num_experts": self.cfg.n_experts, "tokens_per_s": self.window.rate(),
+                "tokens_total": int(served.sum()), "tokens": rows, "rates": rates}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What Serve hands the request routers (`RunningReplica.routing_stats`)."""
+        return self.load_report()
+
+
+def _replica_id() -> str | None:
+    """Serve's id of the replica this runs in (None outside Serve)."""
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - not in a replica (a plain actor, a test)
+        return None
 
 
 class ServedDispatcher(Dispatcher):
@@ -93,7 +129,8 @@ class ServedDispatcher(Dispatcher):
         deployments = serve.status().applications[app].deployments
         for s in range(len(self.experts.replicas)):
             states = deployments[f"expert-shard-{s}"].replica_states
-            self.experts.replicas[s] = max(1, int(states.get("RUNNING", 1)))
+            running = sum(n for state, n in states.items() if getattr(state, "value", state) == "RUNNING")
+            self.experts.replicas[s] = max(1, running)
             metrics.set_shard_replicas(s, self.experts.replicas[s])
         return list(self.experts.replicas)
 
@@ -104,6 +141,85 @@ class ServedDispatcher(Dispatcher):
         now = dict(vars(self.engine.times))
         steps = now["steps"] - self._last_times["steps"]
         if steps:
-            for phase, key in (("attention", "attention"), ("transport", "experts"), ("sampling", "sampling")):
+            phases = (("attention", "attention"), ("transport", "experts"), ("sampling", "sampling"))
+            for phase, key in phases:
                 metrics.observe_step(phase, (now[key] - self._last_times[key]) / steps)
         self._last_times = now
+
+
+# ---- routing a shard's chunks: least-loaded replica first -------------------------------------------
+CHOICE_TTL_S = 5.0  # a choice never followed by a send (the call was cancelled) stops counting
+
+
+def _router_bases() -> tuple[type, ...]:
+    from ray.serve.request_router import FIFOMixin, RequestRouter
+
+    return FIFOMixin, RequestRouter
+
+
+class LeastLoadedRouter(*_router_bases()):  # type: ignore[misc]
+    """Serve request router for expert shards: each call to the replica with the fewest calls in
+    flight from this handle, ties broken by the replica's reported tokens/s, then at random.
+
+    In flight = sent and not completed (`on_send_request` / `on_request_completed`) plus chosen
+    and not yet sent: Serve sends a call a moment after choosing its replica, so without counting
+    choices two chunks routed together would both see an idle replica. `choose_replicas` has no
+    await, so concurrent routing tasks see each other's choices. Serve's requests from one
+    dispatcher step share an internal request id (they inherit the engine loop's request context),
+    so nothing here is keyed by it, and pending calls are matched to replicas first-in first-out
+    (`FIFOMixin`), as Serve's default router does.
+    """
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        self._sent: dict[Any, int] = {}  # replica id -> calls sent, not completed
+        self._chosen: dict[Any, deque[float]] = {}  # replica id -> times of choices not yet sent
+
+    async def choose_replicas(self, candidate_replicas: list[Any],
+                              pending_request: Any | None = None) -> list[list[Any]]:
+        if not candidate_replicas:
+            return []
+        ranked = sorted(candidate_replicas, key=self._load_key(candidate_replicas))
+        self._chosen.setdefault(ranked[0].replica_id, deque()).append(time.monotonic())
+        if pending_request is not None:
+            # Every replica is ranked at once: when none can take the call, Serve must back off
+            # before asking again (without it, its routing loop spins and starves the event loop).
+            pending_request.routing_context.should_backoff = True
+        return [[r] for r in ranked]
+
+    def on_send_request(self, replica_id: Any) -> None:
+        super().on_send_request(replica_id)
+        self._sent[replica_id] = self._sent.get(replica_id, 0) + 1
+        chosen = self._chosen.get(replica_id)
+        if chosen:
+            chosen.popleft()
+
+    def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        self._sent[replica_id] = max(0, self._sent.get(replica_id, 0) - 1)
+
+    def in_flight(self, replica_id: Any) -> int:
+        """Calls to `replica_id` sent and not completed, or chosen in the last `CHOICE_TTL_S` and not sent."""
+        chosen = self._chosen.get(replica_id)
+        now = time.monotonic()
+        while chosen and now - chosen[0] > CHOICE_TTL_S:
+            chosen.popleft()
+        return self._sent.get(replica_id, 0) + len(chosen or ())
+
+    def _load_key(self, candidates: list[Any]) -> Any:
+        jitter = {r.replica_id: random.random() for r in candidates}
+
+        def key(r: Any) -> tuple[int, float, float]:
+            rate = float((r.routing_stats or {}).get("tokens_per_s", 0.0))
+            return self.in_flight(r.replica_id), rate, jitter[r.replica_id]
+
+        return key
+
+
+def shard_router_config() -> Any:
+    """`request_router_config` for the expert-shard deployments: `LeastLoadedRouter`, replica load
+    reports every 2 s."""
+    from ray.serve.config import RequestRouterConfig
+
+    options: dict[str, Any] = {"request_router_class": f"{__name__}:LeastLoadedRouter",
+                               "request_routing_stats_period_s": 2.0, "request_routing_stats_timeout_s": 5.0}
+    return RequestRouterConfig(**options)
