@@ -2,13 +2,16 @@
 
 It loads only the `attention` role and reaches the experts through `ShardedExperts`. A plain
 class: `actors/runtime.py` runs it as a Ray actor, `deploy/app.py` as a Serve deployment.
+`DispatcherWatch` is for its callers: it fails their calls fast while the dispatcher is dead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import torch
@@ -63,3 +66,59 @@ class Dispatcher:
         task = self.engine._task
         if task is not None and task.done() and task.exception() is not None:
             raise RuntimeError(f"engine loop died: {task.exception()!r}")
+
+
+# ---- callers' side: a dead dispatcher fails fast ------------------------------------------------------
+PROBE_TIMEOUT_S = 2.0  # one probe call of a dispatcher believed dead
+PROBE_PAUSE_S = 0.5  # between probes
+
+
+class DispatcherUnavailableError(RuntimeError):
+    """The dispatcher's process died and no replacement answers yet (HTTP 503)."""
+
+
+def actor_died(e: BaseException) -> bool:
+    """A Ray/Serve error saying the replica a call went to is gone (not an error raised inside it)."""
+    import ray.exceptions as rex
+
+    if isinstance(e, rex.RayTaskError):  # raised by the dispatcher's own code (e.g. a shard timed out)
+        return False
+    return isinstance(e, rex.RayActorError) or type(e).__name__ == "ReplicaUnavailableError"
+
+
+class DispatcherWatch:
+    """Refuses calls at once while the dispatcher is known to be dead.
+
+    A call failing with `actor_died` marks it down; a task then probes it (`probe()`, a cheap call
+    through the same handle) until one answers within `PROBE_TIMEOUT_S`, that is until Serve has a
+    live replica again, and marks it up. Without this, new calls would wait in Serve's router for
+    the replacement. A call that is merely slow never marks it down.
+    """
+
+    def __init__(self, probe: Callable[[], Awaitable[Any]]) -> None:
+        self.probe = probe
+        self.down_since: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def check(self) -> None:
+        if self.down_since is not None:
+            raise DispatcherUnavailableError(
+                f"the dispatcher died {time.monotonic() - self.down_since:.1f} s ago and is restarting")
+
+    def failed(self, e: BaseException) -> None:
+        """Note a failed call (any error: only `actor_died` ones count)."""
+        if self.down_since is None and actor_died(e):
+            log.warning("a dispatcher replica died (%s); refusing calls until one answers", type(e).__name__)
+            self.down_since = time.monotonic()
+            self._task = asyncio.get_running_loop().create_task(self._until_back())
+
+    async def _until_back(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.probe(), PROBE_TIMEOUT_S)  # type: ignore[arg-type]
+                break
+            except Exception as e:  # noqa: BLE001 - dead, restarting or slow: probe again
+                log.debug("dispatcher probe: %s", type(e).__name__)
+                await asyncio.sleep(PROBE_PAUSE_S)
+        log.info("the dispatcher answers again after %.1f s", time.monotonic() - (self.down_since or 0.0))
+        self.down_since = None

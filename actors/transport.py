@@ -8,7 +8,9 @@ adds the partial outputs back (`index_add_`). A shard handle is anything whose
 works on CPU and across nodes) or a Serve `DeploymentHandle`.
 
 A call that fails because its shard died is retried (Serve or Ray restarts the replica, or another
-replica answers) until `shard_timeout_s` passes; then `ShardUnavailableError` (HTTP 503).
+replica answers) until `shard_timeout_s` passes; then `ShardUnavailableError` (HTTP 503). Every
+attempt is bounded by that deadline too: a Serve handle call made while a shard has no live replica
+waits in Serve's router for the replacement, which might never come.
 """
 
 from __future__ import annotations
@@ -32,17 +34,34 @@ class ShardUnavailableError(RuntimeError):
     """No live replica of an expert shard answered within the timeout."""
 
 
+SERVE_RETRYABLE = ("BackPressureError", "DeploymentUnavailableError", "ReplicaUnavailableError")
+
+
 def _retryable(e: BaseException) -> bool:
+    """True for errors saying the call's replica is gone or not there yet, never for one the shard's own
+    code raised (a `RayTaskError`). Measured on Ray 2.60: a Serve handle call whose replica is killed
+    mid-call raises `ActorDiedError` at once (the next call waits in Serve's router for the
+    replacement); an unreachable replica gives `ActorUnavailableError` (both `RayActorError`s); a
+    replica gone between Serve's choice and the send gives `ReplicaUnavailableError`. Ray actor
+    handles add `WorkerCrashedError` / `ObjectLostError`."""
     import ray.exceptions as rex
+    import ray.serve.exceptions as sex
 
-    retry = (rex.RayActorError, rex.ActorUnavailableError, rex.WorkerCrashedError, rex.ObjectLostError)
+    if isinstance(e, rex.RayTaskError):
+        return False
+    retry = (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError)
+    retry += tuple(getattr(sex, name) for name in SERVE_RETRYABLE if hasattr(sex, name))
+    return isinstance(e, retry)
+
+
+async def _bounded(response: Any, deadline: float) -> Any:
+    """Await a handle call until `deadline` (perf_counter); past it, cancel it and raise TimeoutError."""
     try:
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-        retry += (BackPressureError, DeploymentUnavailableError)
-    except ImportError:  # older Serve
-        pass
-    return isinstance(e, retry) or type(e).__name__ in {"ActorDiedError", "RayActorError"}
+        return await asyncio.wait_for(response, max(deadline - time.perf_counter(), 1e-3))
+    except asyncio.TimeoutError:
+        if hasattr(response, "cancel"):  # a Serve DeploymentResponse (a Ray ObjectRef has none)
+            response.cancel()
+        raise
 
 
 class ShardedExperts:
@@ -84,15 +103,15 @@ class ShardedExperts:
         deadline, delay = start + self.shard_timeout_s, 0.1
         while True:
             try:
-                y = await self.shards[shard].serve.remote(layer, x, ids, gates, tags)
+                y = await _bounded(self.shards[shard].serve.remote(layer, x, ids, gates, tags), deadline)
                 break
             except Exception as e:
-                if not _retryable(e) or time.perf_counter() + delay > deadline:
-                    if _retryable(e):
-                        raise ShardUnavailableError(
-                            f"expert shard {shard} has no live replica after {self.shard_timeout_s:.0f} s"
-                        ) from e
+                if not _retryable(e) and not isinstance(e, asyncio.TimeoutError):
                     raise
+                if isinstance(e, asyncio.TimeoutError) or time.perf_counter() + delay > deadline:
+                    raise ShardUnavailableError(
+                        f"expert shard {shard} has no live replica after {self.shard_timeout_s:g} s"
+                    ) from e
                 self.retries += 1
                 log.warning("expert shard %d call failed (%s); retrying in %.1f s", shard, type(e).__name__,
                             delay)

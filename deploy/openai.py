@@ -1,40 +1,47 @@
-"""The OpenAI-compatible HTTP ingress: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`.
+"""The OpenAI-compatible ingress: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
+`/v1/moray/status`, `/v1/moray/routing`.
 
 `OpenAIIngress` validates a request, turns it into one engine request per choice (prompt x n), and
 streams the dispatcher's `TokenEvent`s back as OpenAI JSON or Server-Sent Events. The same class
-runs as the Serve ingress deployment (`deploy/app.py`; the FastAPI app is built per replica by
-`__serve_build_asgi_app__`) and in process over a local dispatcher (tests, `moray generate`).
+runs as the Serve ingress deployment (`deploy/app.py`; the FastAPI app, `deploy/http.py`, is built
+per replica by `__serve_build_asgi_app__`) and in process over a local dispatcher (tests, bench).
 
 Every failure is an OpenAI error body (`protocol.APIError`). Each choice's first token is awaited
 before a response starts, so a request the engine refuses is a real HTTP error; an error after
 that is a `data: {"error": ...}` event before `data: [DONE]`. The handle-callable methods
 (`complete`, `complete_stream`, `chat`, `chat_stream`, `stream_tokens`) share this path with HTTP.
+
+Limits are checked before any work reaches the dispatcher: `n`, `max_tokens`, the prompt batch,
+prompt + completion within the context, token ids within the vocabulary. When a dispatcher call
+fails because its process died, `DispatcherWatch` answers 503 at once until a probe call reaches a
+live dispatcher again (Serve restarts it); without it, new requests would wait in Serve's router.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
-from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
-from moray.deploy import metrics
+from moray.actors.dispatcher import DispatcherWatch
 from moray.deploy.config import ServerConfig
 from moray.deploy.grpc import GrpcMixin
+from moray.deploy.http import (
+    Timer,
+    create_api,
+    deployment_states,
+    parse,
+    shard_token_counts,
+    to_api_error,
+    unwrap,
+)
 from moray.deploy.protocol import (
-    ERROR_TYPES,
     APIError,
     ChatChoice,
     ChatChunkChoice,
@@ -44,143 +51,36 @@ from moray.deploy.protocol import (
     ChatDelta,
     ChatLogprobs,
     ChatResponseMessage,
+    Choice,
     CompletionChoice,
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    Job,
     ModelCard,
     ModelList,
-    OpenAIBaseModel,
     SamplingFields,
-    TokenLogprobs,
     Usage,
     chat_logprobs,
     chunk_dict,
     completion_logprobs,
+    logprob_rows,
     now,
     random_id,
+    usage,
+    with_token_ids,
 )
 from moray.model.config import MixtralConfig
-from moray.model.engine import GenerateRequest, QueueFullError, RequestError, TokenEvent
+from moray.model.engine import GenerateRequest, TokenEvent
 from moray.model.sampling import SamplingParams
 from moray.model.tokenizer import Tokenizer
+
+__all__ = ["OpenAIIngress", "create_api", "parse", "to_api_error", "unwrap"]  # the last four: deploy/http.py
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-RETRY_AFTER_S = "1"
-UNAVAILABLE = {"RayActorError", "ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError",
-               "ShardUnavailableError", "WorkerCrashedError", "RayServeException", "ObjectLostError"}
-Started = tuple["Job", TokenEvent, AsyncIterator[TokenEvent]]
-
-
-# ---- errors ---------------------------------------------------------------------------------------
-def unwrap(e: BaseException) -> BaseException:
-    """The exception a remote replica raised, not Ray's wrapper (whose str() holds a traceback)."""
-    cause = getattr(e, "cause", None)
-    if type(e).__name__.startswith("RayTaskError") and isinstance(cause, BaseException):
-        return unwrap(cause)
-    return e
-
-
-def to_api_error(e: BaseException) -> APIError:
-    """Map any failure to what the client sees; never a stack trace."""
-    e = unwrap(e)
-    name = type(e).__name__
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, RequestError):
-        return APIError(400, str(e))
-    if isinstance(e, QueueFullError) or name == "BackPressureError":
-        return APIError(429, "the server is overloaded; retry later", headers={"Retry-After": RETRY_AFTER_S})
-    if isinstance(e, asyncio.TimeoutError):
-        return APIError(504, "the request timed out")
-    if name in UNAVAILABLE:
-        return APIError(503, f"the model is unavailable ({name}); retry later",
-                        headers={"Retry-After": RETRY_AFTER_S})
-    log.error("internal error: %s", name, exc_info=e)
-    return APIError(500, f"internal server error ({name})")
-
-
-def parse(model: type[BaseModel], payload: Any) -> Any:
-    """Validate a JSON payload; any problem is a 400 naming the first bad field."""
-    if not isinstance(payload, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    try:
-        req = model.model_validate(payload)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise APIError(400, f"{where}: {err['msg']}" if where else err["msg"],
-                       param=str(err["loc"][0]) if err["loc"] else None) from None
-    ignored: list[str] = req.ignored_fields() if isinstance(req, OpenAIBaseModel) else []
-    if ignored:
-        log.warning("ignoring unknown request fields: %s", ", ".join(repr(f)[:64] for f in ignored[:20]))
-    return req
-
-
-# ---- one request's choices ----------------------------------------------------------------------------
-@dataclass
-class Job:
-    """One engine request: choice `index` of the response."""
-
-    index: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    request_id: str
-    prompt_text: str = ""  # echoed before the completion
-
-
-@dataclass
-class Choice:
-    """What one choice has produced so far."""
-
-    job: Job
-    events: list[TokenEvent] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    last_t: float | None = None
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [e.token_id for e in self.events]
-
-
-def usage(choices: Sequence[Choice]) -> Usage:
-    """Prompt tokens counted once per prompt (not per choice), as OpenAI and vLLM do."""
-    prompt = sum({id(c.job.prompt_ids): len(c.job.prompt_ids) for c in choices}.values())
-    completion = sum(len(c.events) for c in choices)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-class Timer:
-    """TTFT, inter-token gaps and end-to-end latency of one request, recorded as metrics."""
-
-    def __init__(self) -> None:
-        self.start, self.first = time.perf_counter(), True
-
-    def token(self, choice: Choice) -> None:
-        t = time.perf_counter()
-        if self.first:
-            metrics.record_latencies(ttft_s=t - self.start)
-        elif choice.last_t is not None:
-            metrics.record_latencies(itl_s=t - choice.last_t)
-        self.first, choice.last_t = False, t
-
-    def done(self, choices: Sequence[Choice]) -> None:
-        metrics.record_latencies(e2e_s=time.perf_counter() - self.start)
-        u = usage(choices)
-        metrics.record_tokens(u.prompt_tokens, u.completion_tokens)
-
-
-def _with_token_ids(req: SamplingFields, choice: Any, c: Choice) -> Any:
-    if req.return_token_ids:  # vLLM extension: ids beside the text
-        choice.token_ids, choice.prompt_token_ids = c.token_ids, c.job.prompt_ids
-    return choice
-
-
-def _logprob_rows(events: Sequence[TokenEvent]) -> list[TokenLogprobs]:
-    return [(e.token_id, e.logprob, e.top_logprobs) for e in events]
+Started = tuple[Job, TokenEvent, AsyncIterator[TokenEvent]]
 
 
 # ---- the ingress ------------------------------------------------------------------------------------
@@ -200,6 +100,7 @@ class OpenAIIngress(GrpcMixin):
         self.vocab_size = model_cfg.vocab_size
         self.max_model_len = min(self.config.max_model_len or model_cfg.max_seq_len, model_cfg.max_seq_len)
         self._token_text: dict[int, str] = {}
+        self.watch = DispatcherWatch(lambda: self.dispatcher.check_health.remote())
         log.info("ingress ready: model %r, context %d, api key %s", self.served_model_name,
                  self.max_model_len, "required" if self.config.api_key else "off")
 
@@ -232,12 +133,14 @@ class OpenAIIngress(GrpcMixin):
     async def stream_tokens(self, prompt_ids: list[int], params: SamplingParams,
                             request_id: str) -> AsyncIterator[TokenEvent]:
         """One engine request's events; raises RequestError / QueueFullError / ... unwrapped from Ray."""
+        self.watch.check()
         stream, finished = self._dispatch(GenerateRequest(list(prompt_ids), params, request_id)), False
         try:
             async for event in stream:
                 yield event
             finished = True
         except Exception as e:
+            self.watch.failed(e)
             raise unwrap(e) from None
         finally:
             if not finished:  # client gone, timeout or error: free the engine's sequence now
@@ -261,26 +164,31 @@ class OpenAIIngress(GrpcMixin):
         out: dict[str, Any] = {"model": self.served_model_name, "max_model_len": self.max_model_len}
         if self._is_handle():
             out["dispatcher"] = await self.dispatcher.stats.remote()
-            out["deployments"] = await asyncio.to_thread(self._deployments)
+            out["deployments"] = await asyncio.to_thread(deployment_states, self.config.app_name)
         else:
             out["dispatcher"] = self.dispatcher.stats()
         out["dispatcher"].pop("param_names", None)
         return out
 
-    def _deployments(self) -> dict[str, Any]:
-        from ray import serve
+    async def routing(self) -> dict[str, Any]:
+        """Tokens routed per (layer, expert) so far, summed over the expert-shard deployments, as
+        `moray.deploy.routing.live_routing` shapes them. One `token_counts()` call per shard deployment
+        reaches ONE of its replicas (each counts its own calls): with several replicas of a shard, the
+        sum holds only the replicas asked (`moray status` reads every replica)."""
+        if not self._is_handle():
+            raise APIError(404, "routing counts come from the expert-shard deployments (Serve only)")
+        from moray.deploy.routing import live_routing
 
-        app = serve.status().applications.get(self.config.app_name)
-        return {name: {"status": str(d.status.value if hasattr(d.status, "value") else d.status),
-                       "replicas": {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()}}
-                for name, d in (app.deployments.items() if app else [])}
+        counts, shards = await shard_token_counts(self.config.app_name)  # [L][E]
+        return {**live_routing(counts), "shards": shards}
 
     async def check_health(self) -> None:
         """Raise unless the dispatcher can serve (HTTP 503 from /health)."""
+        self.watch.check()
         if not self._is_handle():
             self.dispatcher.check_health()
             return
-        deployments = await asyncio.to_thread(self._deployments)
+        deployments = await asyncio.to_thread(deployment_states, self.config.app_name)
         status = deployments.get("dispatcher", {}).get("status", "missing")
         if status not in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
             raise APIError(503, f"the dispatcher is {status.lower()}")
@@ -314,6 +222,16 @@ class OpenAIIngress(GrpcMixin):
             raise APIError(400, "prompt must not be empty", param="prompt")
         return [self.tokenizer.encode(p, bos=True) if isinstance(p, str) else list(p) for p in prompts]
 
+    def _check_prompts(self, prompts: list[list[int]], max_tokens: int) -> None:
+        """Refuse, before any work, a prompt that cannot fit or names unknown tokens (as the engine would)."""
+        for ids in prompts:
+            if len(ids) + max_tokens > self.max_model_len:
+                raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. "
+                                    f"However, you requested {len(ids) + max_tokens} tokens ({len(ids)} in "
+                                    f"the prompt, {max_tokens} for the completion).")
+            if not all(0 <= t < self.vocab_size for t in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
@@ -328,7 +246,12 @@ class OpenAIIngress(GrpcMixin):
     async def _start(self, jobs: list[Job]) -> list[Started]:
         """Submit every choice and await each one's first event: refusals surface before any output."""
         streams = [self.stream_tokens(j.prompt_ids, j.params, j.request_id) for j in jobs]
-        firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+        timeout = self.config.request_timeout_s
+        firsts_of_all = asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+        try:
+            firsts = await asyncio.wait_for(firsts_of_all, timeout)
+        except asyncio.TimeoutError:
+            firsts = [APIError(504, f"the request did not start within {timeout:g} s")]
         failed = next((f for f in firsts if isinstance(f, BaseException)), None)
         if failed is not None:
             await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)  # type: ignore[attr-defined]
@@ -391,6 +314,7 @@ class OpenAIIngress(GrpcMixin):
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
         prompts = self._completion_prompts(req)
+        self._check_prompts(prompts, req.max_tokens or 16)
         texts = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
         jobs = self._jobs(req, prompts, [req.max_tokens or 16] * len(prompts), req.logprobs, rid, texts)
         if req.stream:
@@ -402,10 +326,10 @@ class OpenAIIngress(GrpcMixin):
     def _completion_choice(self, req: CompletionRequest, c: Choice) -> CompletionChoice:
         lp = None
         if req.logprobs is not None:
-            lp = completion_logprobs(_logprob_rows(c.events), self.token_text, len(c.job.prompt_text))
+            lp = completion_logprobs(logprob_rows(c.events), self.token_text, len(c.job.prompt_text))
         choice = CompletionChoice(index=c.job.index, text=c.job.prompt_text + c.text, logprobs=lp,
                                   finish_reason=c.finish_reason)
-        return _with_token_ids(req, choice, c)  # type: ignore[no-any-return]
+        return with_token_ids(req, choice, c)  # type: ignore[no-any-return]
 
     async def _completion_chunks(self, req: CompletionRequest, started: list[Started],
                                  cid: str) -> AsyncIterator[dict]:
@@ -424,13 +348,13 @@ class OpenAIIngress(GrpcMixin):
             seen[c.job.index] = c
             lp = None
             if req.logprobs is not None:
-                lp = completion_logprobs(_logprob_rows([e]), self.token_text, offsets[c.job.index])
+                lp = completion_logprobs(logprob_rows([e]), self.token_text, offsets[c.job.index])
                 offsets[c.job.index] += len(lp.tokens[0])
             if e.text or lp is not None:
                 yield chunk([CompletionChoice(index=c.job.index, text=e.text, logprobs=lp)])
             if e.finish_reason is not None:
                 last = CompletionChoice(index=c.job.index, text="", finish_reason=e.finish_reason)
-                yield chunk([_with_token_ids(req, last, c)])
+                yield chunk([with_token_ids(req, last, c)])
         if req.include_usage:
             yield chunk([], usage(list(seen.values())))
 
@@ -441,6 +365,7 @@ class OpenAIIngress(GrpcMixin):
         prompt = self._chat_prompt(req)
         room = max(self.max_model_len - len(prompt), 1)
         max_tokens = req.requested_max_tokens() or min(room, self.config.max_tokens_limit)
+        self._check_prompts([prompt], max_tokens)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         jobs = self._jobs(req, [prompt], [max_tokens], logprobs, rid, [""])
         if req.stream:
@@ -454,12 +379,12 @@ class OpenAIIngress(GrpcMixin):
         lp = self._chat_logprobs(req, c.events)
         choice = ChatChoice(index=c.job.index, message=ChatResponseMessage(content=c.text), logprobs=lp,
                             finish_reason=c.finish_reason)
-        return _with_token_ids(req, choice, c)  # type: ignore[no-any-return]
+        return with_token_ids(req, choice, c)  # type: ignore[no-any-return]
 
     def _chat_logprobs(self, req: ChatCompletionRequest, events: Sequence[TokenEvent]) -> ChatLogprobs | None:
         if not req.logprobs:
             return None
-        return chat_logprobs(_logprob_rows(events), self.token_text, req.top_logprobs or 0)
+        return chat_logprobs(logprob_rows(events), self.token_text, req.top_logprobs or 0)
 
     async def _chat_chunks(self, req: ChatCompletionRequest, started: list[Started],
                            cid: str) -> AsyncIterator[dict]:
@@ -481,7 +406,7 @@ class OpenAIIngress(GrpcMixin):
                 yield chunk([ChatChunkChoice(index=c.job.index, delta=delta, logprobs=lp)])
             if e.finish_reason is not None:
                 last = ChatChunkChoice(index=c.job.index, delta=ChatDelta(), finish_reason=e.finish_reason)
-                yield chunk([_with_token_ids(req, last, c)])
+                yield chunk([with_token_ids(req, last, c)])
         if req.include_usage:
             yield chunk([], usage(list(seen.values())))
 
@@ -522,139 +447,3 @@ class OpenAIIngress(GrpcMixin):
         name = self.served_model_name
         card = ModelCard(id=name, root=name, max_model_len=self.max_model_len)
         return ModelList(data=[card]).model_dump()
-
-
-# ---- HTTP ---------------------------------------------------------------------------------------------
-def error_response(err: APIError, headers: dict[str, str] | None = None) -> Any:
-    return JSONResponse(err.body(), status_code=err.status, headers={**(headers or {}), **err.headers})
-
-
-async def read_json(request: Any, limit: int) -> Any:
-    """The body as JSON, refusing more than `limit` bytes (413) and anything that is not JSON (400)."""
-    size = request.headers.get("content-length", "")
-    if size.isdigit() and int(size) > limit:
-        raise APIError(413, f"the request body is larger than {limit} bytes")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise APIError(413, f"the request body is larger than {limit} bytes")
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
-        raise APIError(400, "the request body is not valid JSON") from None
-
-
-async def sse(chunks: AsyncIterator[dict], endpoint: str) -> AsyncIterator[str]:
-    """`data: {json}` events, an error event if the stream breaks, then `data: [DONE]`."""
-    status = 200
-    try:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-    except asyncio.CancelledError:
-        status = 499  # the client went away
-        raise
-    except Exception as e:
-        err = to_api_error(e)
-        status = err.status
-        yield f"data: {json.dumps(err.body())}\n\n"
-    finally:
-        metrics.record_request(status, endpoint)
-        await chunks.aclose()  # type: ignore[attr-defined]
-    yield "data: [DONE]\n\n"
-
-
-Create = Callable[[Any, str], Awaitable[BaseModel | AsyncIterator[dict]]]
-
-
-async def serve_openai(ingress: OpenAIIngress, request: Any, model: type[BaseModel], create: Create,
-                       endpoint: str) -> Any:
-    """Parse, validate, run; a JSON response, an SSE stream, or an OpenAI error."""
-    given = request.headers.get("x-request-id")
-    rid = ingress.request_id(given)
-    headers = {} if given else {"X-Request-Id": rid}  # under Serve the proxy sets it (one header, not two)
-    try:
-        out = await create(parse(model, await read_json(request, ingress.config.max_body_bytes)), rid)
-    except Exception as e:
-        err = to_api_error(e)
-        metrics.record_request(err.status, endpoint)
-        return error_response(err, headers)
-    if isinstance(out, BaseModel):
-        metrics.record_request(200, endpoint)
-        return JSONResponse(out.model_dump(), headers=headers)
-    return StreamingResponse(sse(out, endpoint), media_type="text/event-stream",
-                             headers={**headers, "Cache-Control": "no-cache"})
-
-
-class AuthMiddleware:
-    """Pure ASGI: a configured API key guards every route but /health (401 before the body is read)."""
-
-    def __init__(self, app: Any, ingress: OpenAIIngress) -> None:
-        self.app, self.ingress = app, ingress
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        route = path[len(root):] if root and path.startswith(root) else path  # under a Serve route prefix
-        if scope["type"] == "http" and route != "/health":
-            auth = Headers(scope=scope).get("authorization", "")
-            token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-            if not self.ingress.authorized(token):
-                metrics.record_request(401, route)
-                msg = "missing API key" if token is None else "incorrect API key"
-                await error_response(APIError(401, msg))(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def create_api(ingress: OpenAIIngress) -> Any:
-    """The FastAPI app for one ingress (built per replica, so the routes close over its state)."""
-    app = FastAPI(title="moray", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(AuthMiddleware, ingress=ingress)
-
-    async def http_error(_: Request, exc: Exception) -> Any:
-        status = getattr(exc, "status_code", 500)
-        detail = str(getattr(exc, "detail", "")) or ERROR_TYPES.get(status, "error")
-        return error_response(APIError(status, detail))
-
-    async def validation_error(_: Request, exc: Exception) -> Any:
-        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
-        return error_response(APIError(400, f"{where}: {errors[0]['msg']}" if errors else "invalid request"))
-
-    async def internal_error(_: Request, exc: Exception) -> Any:
-        return error_response(to_api_error(exc))
-
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, internal_error)
-
-    @app.get("/health")
-    async def health() -> Any:
-        try:
-            await ingress.check_health()
-        except Exception as e:
-            return error_response(to_api_error(e) if not isinstance(e, APIError) else e)
-        return Response(status_code=200)
-
-    @app.get("/v1/models")
-    async def models() -> Any:
-        return ingress.models()
-
-    @app.get("/v1/moray/status")
-    async def status() -> Any:
-        try:
-            return await ingress.status()
-        except Exception as e:
-            return error_response(to_api_error(e))
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        return await serve_openai(ingress, request, CompletionRequest, ingress.create_completion,
-                                  "/v1/completions")
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
-        return await serve_openai(ingress, request, ChatCompletionRequest, ingress.create_chat,
-                                  "/v1/chat/completions")
-
-    return app

@@ -10,11 +10,17 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+if TYPE_CHECKING:
+    from moray.model.engine import TokenEvent
+    from moray.model.sampling import SamplingParams
+
 MAX_STOP = 4
+MAX_PROMPTS = 64  # prompts in one batched completion request (each is `n` engine requests)
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
 SEED_BOUND = 2**63
@@ -119,6 +125,13 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS,
                                  description="Log-probs of the chosen and the k most likely tokens.")
     echo: bool = Field(False, description="Prepend the prompt to each choice's text.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_batch(cls, v: Prompt) -> Prompt:
+        if isinstance(v, list) and v and not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts are allowed in one request, got {len(v)}")
+        return v
 
     def prompt_list(self) -> list[str | list[int]]:
         """The batch: one entry per prompt (a string or token ids)."""
@@ -276,6 +289,50 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- one request's choices ------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One engine request: choice `index` of the response."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str
+    prompt_text: str = ""  # echoed before the completion
+
+
+@dataclass
+class Choice:
+    """What one choice has produced so far."""
+
+    job: Job
+    events: list[TokenEvent] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    last_t: float | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [e.token_id for e in self.events]
+
+
+def usage(choices: Sequence[Choice]) -> Usage:
+    """Prompt tokens counted once per prompt (not per choice), as OpenAI and vLLM do."""
+    prompt = sum({id(c.job.prompt_ids): len(c.job.prompt_ids) for c in choices}.values())
+    completion = sum(len(c.events) for c in choices)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def with_token_ids(req: SamplingFields, choice: Any, c: Choice) -> Any:
+    if req.return_token_ids:  # vLLM extension: ids beside the text
+        choice.token_ids, choice.prompt_token_ids = c.token_ids, c.job.prompt_ids
+    return choice
+
+
+def logprob_rows(events: Sequence[TokenEvent]) -> list[TokenLogprobs]:
+    return [(e.token_id, e.logprob, e.top_logprobs) for e in events]
 
 
 # ---- formatting helpers -----------------------------------------------------------------------------
