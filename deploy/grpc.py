@@ -29,17 +29,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from pydantic import ValidationError
+from ray.serve.config import gRPCOptions
+
 from moray.deploy import moray_pb2
 from moray.deploy.protocol import CompletionRequest
 from moray.model.engine import TokenEvent
 from moray.model.sampling import SamplingParams
-from pydantic import ValidationError
-from ray.serve.config import gRPCOptions
 
 if TYPE_CHECKING:
+    from ray.serve.grpc_util import RayServegRPCContext
+
     from moray.deploy.config import ServerConfig
     from moray.model.tokenizer import Tokenizer
-    from ray.serve.grpc_util import RayServegRPCContext
 
 log = logging.getLogger(__name__)
 

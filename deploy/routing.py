@@ -41,10 +41,11 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from tqdm import tqdm
+
 from moray.model.kv_cache import KVCache
 from moray.model.layers import StepBatch
 from moray.model.mixtral import ExpertBackend, Mixtral
-from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,10 @@ ENGINE = EngineConfig(max_num_seqs=16, max_batch_tokens=256, block_size=8, max_m
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 32000, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(3, 32000, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 def local_run(ckpt: Path, requests: list[GenerateRequest]) -> list[list[TokenEvent]]:
@@ -41,7 +43,7 @@ def local_run(ckpt: Path, requests: list[GenerateRequest]) -> list[list[TokenEve
 
 def assert_same(got: list[TokenEvent], want: list[TokenEvent]) -> None:
     assert [e.token_id for e in got] == [e.token_id for e in want]
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
 
 
@@ -51,11 +53,12 @@ def oracle(tiny4_dir: Path) -> list[list[TokenEvent]]:
 
 
 @pytest.mark.parametrize("num_shards", [1, 2, 3, 4])
-def test_distributed_equals_local(ray_session: Any, tiny4_dir: Path, oracle: list[list[TokenEvent]],
-                                  num_shards: int) -> None:
+def test_distributed_equals_local(
+    ray_session: Any, tiny4_dir: Path, oracle: list[list[TokenEvent]], num_shards: int
+) -> None:
     rt = start_runtime(str(tiny4_dir), num_shards, ENGINE)
     try:
-        for p, want in zip(prompts(3), oracle):
+        for p, want in zip(prompts(3), oracle, strict=True):
             assert_same(rt.generate(GenerateRequest(p, GREEDY)), want)
         cfg = MixtralConfig.load(tiny4_dir)
         infos = ray.get([s.info.remote() for s in rt.shards])
@@ -71,8 +74,9 @@ def test_distributed_equals_local(ray_session: Any, tiny4_dir: Path, oracle: lis
 
 def test_multi_node_spread(ray_session: Any, tiny4_dir: Path, oracle: list[list[TokenEvent]]) -> None:
     """Dispatcher on the head node, the two shards on the two expert nodes."""
-    opts = RuntimeOptions(strategy="STRICT_SPREAD", shard_resources={"expert_node": 1},
-                          dispatcher_resources={"head_node": 0.5})
+    opts = RuntimeOptions(
+        strategy="STRICT_SPREAD", shard_resources={"expert_node": 1}, dispatcher_resources={"head_node": 0.5}
+    )
     rt = start_runtime(str(tiny4_dir), 2, ENGINE, options=opts)
     try:
         shard_nodes = [info["node_id"] for info in ray.get([s.info.remote() for s in rt.shards])]
@@ -80,7 +84,7 @@ def test_multi_node_spread(ray_session: Any, tiny4_dir: Path, oracle: list[list[
         assert len({*shard_nodes, dispatcher_node}) == 3
         head = [n["NodeID"] for n in ray.nodes() if n["Resources"].get("head_node")]
         assert dispatcher_node == head[0]
-        for p, want in zip(prompts(3), oracle):
+        for p, want in zip(prompts(3), oracle, strict=True):
             assert_same(rt.generate(GenerateRequest(p, GREEDY)), want)
     finally:
         rt.shutdown()
@@ -99,20 +103,24 @@ async def stream(rt: Runtime, req: GenerateRequest, delay: float) -> list[TokenE
 
 
 def test_continuous_batching_equals_alone(runtime2: Runtime, tiny_dir: Path) -> None:
-    reqs = [GenerateRequest(p, SamplingParams(max_tokens=4 + i % 7, temperature=0.0, ignore_eos=True, logprobs=0))
-            for i, p in enumerate(prompts(16, seed=7))]
+    reqs = [
+        GenerateRequest(p, SamplingParams(max_tokens=4 + i % 7, temperature=0.0, ignore_eos=True, logprobs=0))
+        for i, p in enumerate(prompts(16, seed=7))
+    ]
 
     async def all_of_them() -> list[list[TokenEvent]]:
         return await asyncio.gather(*(stream(runtime2, r, 0.05 * (i % 5)) for i, r in enumerate(reqs)))
 
     got = asyncio.run(all_of_them())
-    for g, want in zip(got, local_run(tiny_dir, reqs)):
+    for g, want in zip(got, local_run(tiny_dir, reqs), strict=True):
         assert_same(g, want)
         assert g[-1].finish_reason == "length"
 
 
 def test_cancel_frees_kv_blocks(runtime2: Runtime) -> None:
-    req = GenerateRequest(prompts(1, seed=9)[0], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+    req = GenerateRequest(
+        prompts(1, seed=9)[0], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    )
 
     async def start_and_cancel() -> None:
         gen = runtime2.dispatcher.generate.options(num_returns="streaming").remote(req)

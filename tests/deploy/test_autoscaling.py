@@ -9,6 +9,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+from ray.serve._private.common import DeploymentID, ReplicaID
+from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
 from moray.deploy.autoscaling import (
     SEQUENCES_METRIC,
     TOKENS_METRIC,
@@ -21,8 +24,6 @@ from moray.deploy.autoscaling import (
     sequences_policy,
     tokens_policy,
 )
-from ray.serve._private.common import DeploymentID, ReplicaID
-from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 DEP = DeploymentID(name="expert-shard-0", app_name="moray")
 Policy = Callable[[AutoscalingContext], tuple[int, dict[str, Any]]]

@@ -10,8 +10,9 @@ import pydantic
 import pytest
 import torch
 import yaml
-from moray.deploy.config import ConfigError, ServerConfig
 from ray.serve.config import AutoscalingConfig
+
+from moray.deploy.config import ConfigError, ServerConfig
 
 FILE_VALUES: dict[str, Any] = {
     "model": "/models/Mixtral-8x7B-Instruct-v0.1",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from moray.deploy import grpc as moray_grpc
 from moray.deploy import moray_pb2, moray_pb2_grpc
 from moray.model.engine import QueueFullError, RequestError

@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
 from moray.deploy.routing import (
     add_arguments,
     chance_levels,
@@ -32,8 +35,6 @@ from moray.model.config import MixtralConfig
 from moray.model.mixtral import load_local
 from moray.model.tiny import TinySpec, make_tiny
 from moray.model.tokenizer import Tokenizer
-from PIL import Image
-from safetensors.torch import load_file, save_file
 
 SPEC = TinySpec(layers=3, dim=64, heads=4, kv_heads=2, experts=8, hidden=64, seed=21)
 TOP_K = 2  # Mixtral's, which the tiny checkpoints keep

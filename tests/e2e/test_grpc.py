@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+
 from moray.deploy import moray_pb2, moray_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -151,8 +152,9 @@ API_KEY = "sk-moray-grpc-test"
 @pytest.fixture(scope="module")
 def keyed_app(served_app: Any) -> Iterator[str]:
     """A second app with an API key on the same Serve proxies (selected by `application` metadata)."""
-    from moray.deploy.app import build_app
     from ray import serve
+
+    from moray.deploy.app import build_app
 
     name = "moray-keyed"
     config = served_app.config.model_copy(update={

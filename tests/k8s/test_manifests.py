@@ -23,10 +23,11 @@ import ray
 import tomllib
 import yaml
 from jsonschema import Draft4Validator
-from moray.deploy.config import ServerConfig
-from moray.deploy.metrics import METRICS, exported_names
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+
+from moray.deploy.config import ServerConfig
+from moray.deploy.metrics import METRICS, exported_names
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"

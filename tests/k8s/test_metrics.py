@@ -13,9 +13,10 @@ import urllib.request
 
 import pytest
 import ray
+from prometheus_client.parser import text_string_to_metric_families
+
 from moray.deploy import metrics
 from moray.deploy.metrics import METRICS, exported_names
-from prometheus_client.parser import text_string_to_metric_families
 
 # Tag values no other test uses, so values read back are ours alone.
 SHARD, LAYER, EXPERT = 97, 98, 5
