@@ -311,6 +311,9 @@ def ensure_ray(cpus_needed: float) -> None:
     import ray
 
     if not ray.is_initialized():
+        # Ray starts workers at nice 15 by default; on a shared machine that hands them last place
+        # behind everything else, while the in-process engine and the peers run at nice 0.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
                  log_to_driver=False, include_dashboard=False)
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init replaced it
@@ -479,6 +482,8 @@ def run_offline(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
             report["runs"] += measure_levels(target, name, args, facts, touched)
         finally:
             target.close()
+        if args.out:  # what is measured survives a later failure or interruption
+            Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
     finish_report(report, facts, touched)
     stop_ray()
     return report
