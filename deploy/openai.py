@@ -12,9 +12,13 @@ that is a `data: {"error": ...}` event before `data: [DONE]`. The handle-callabl
 (`complete`, `complete_stream`, `chat`, `chat_stream`, `stream_tokens`) share this path with HTTP.
 
 Limits are checked before any work reaches the dispatcher: `n`, `max_tokens`, the prompt batch,
-prompt + completion within the context, token ids within the vocabulary. When a dispatcher call
-fails because its process died, `DispatcherWatch` answers 503 at once until a probe call reaches a
-live dispatcher again (Serve restarts it); without it, new requests would wait in Serve's router.
+prompt + completion within the context, token ids within the vocabulary; and an ingress replica
+keeps at most (max_num_seqs + max_waiting) x dispatcher replicas engine requests open, answering
+429 beyond that without a dispatcher call (the engine's own `max_waiting` bound still holds).
+
+When a dispatcher call fails because its process died, `DispatcherWatch` answers 503 at once until a
+probe call reaches a live dispatcher again (Serve restarts it); without it, new requests would wait
+in Serve's router.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ from moray.deploy.protocol import (
     with_token_ids,
 )
 from moray.model.config import MixtralConfig
-from moray.model.engine import GenerateRequest, TokenEvent
+from moray.model.engine import GenerateRequest, QueueFullError, TokenEvent
 from moray.model.sampling import SamplingParams
 from moray.model.tokenizer import Tokenizer
 
@@ -101,6 +105,10 @@ class OpenAIIngress(GrpcMixin):
         self.max_model_len = min(self.config.max_model_len or model_cfg.max_seq_len, model_cfg.max_seq_len)
         self._token_text: dict[int, str] = {}
         self.watch = DispatcherWatch(lambda: self.dispatcher.check_health.remote())
+        cfg = self.config
+        replicas = cfg.dispatcher_max_replicas if cfg.autoscaling else cfg.dispatcher_replicas
+        self.max_in_flight = (cfg.max_num_seqs + cfg.max_waiting) * replicas
+        self.in_flight = 0  # engine requests this replica has open: beyond `max_in_flight`, 429 at once
         log.info("ingress ready: model %r, context %d, api key %s", self.served_model_name,
                  self.max_model_len, "required" if self.config.api_key else "off")
 
@@ -134,7 +142,10 @@ class OpenAIIngress(GrpcMixin):
                             request_id: str) -> AsyncIterator[TokenEvent]:
         """One engine request's events; raises RequestError / QueueFullError / ... unwrapped from Ray."""
         self.watch.check()
+        if self.in_flight >= self.max_in_flight:  # every engine slot and waiting place is taken: no call
+            raise QueueFullError(f"{self.in_flight} requests are in flight")
         stream, finished = self._dispatch(GenerateRequest(list(prompt_ids), params, request_id)), False
+        self.in_flight += 1
         try:
             async for event in stream:
                 yield event
@@ -143,6 +154,7 @@ class OpenAIIngress(GrpcMixin):
             self.watch.failed(e)
             raise unwrap(e) from None
         finally:
+            self.in_flight -= 1
             if not finished:  # client gone, timeout or error: free the engine's sequence now
                 if hasattr(stream, "cancel"):
                     stream.cancel()

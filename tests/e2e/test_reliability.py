@@ -1,0 +1,417 @@
+"""Faults and overload lose nothing and hang nothing (issue 8).
+
+A second app (`fault_app`, its own name and route prefix on the session's proxies) takes the kills,
+so the shared `served_app` is never broken; the flood runs on `served_app` (max_waiting 32).
+Oracles: the in-process model (`oracle`) for tokens; Ray's state API for replica processes;
+Serve's status for replica counts; `psutil` for memory. Every wait is a poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import torch
+
+from moray.deploy.config import ServerConfig
+from moray.model.engine import GenerateRequest
+from moray.model.sampling import SamplingParams
+
+Oracle = Any  # conftest's `oracle` fixture
+ServedApp = Any  # conftest's `served_app` fixture
+pytestmark = pytest.mark.slow
+
+FAULT_APP = "moray-faults"
+TIMEOUT_S = 120.0
+RECOVER_S = 120.0  # a killed replica is running again within this (Serve restarts it)
+ERROR_EVENT_S = 30.0  # issue 8: a stream whose dispatcher died ends with an error event within this
+BACK_S = 60.0  # issue 8: new requests succeed within this after the dispatcher was killed
+
+
+@dataclass
+class FaultApp:
+    url: str  # http://127.0.0.1:PORT/moray-faults
+    name: str
+    config: ServerConfig
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+
+@pytest.fixture(scope="module")
+def fault_app(served_app: ServedApp) -> Iterator[FaultApp]:
+    from ray import serve
+
+    from moray.deploy.app import build_app
+
+    config = served_app.config.model_copy(update={
+        "app_name": FAULT_APP, "num_shards": 2, "max_num_seqs": 8, "max_batch_tokens": 128, "max_waiting": 16,
+        "dispatcher_cpus": 0.5, "shard_cpus": 0.25})
+    serve.run(build_app(config), name=FAULT_APP, route_prefix=f"/{FAULT_APP}")
+    app = FaultApp(f"{served_app.http_url}/{FAULT_APP}", FAULT_APP, config)
+    wait_healthy(app.url)
+    yield app
+    serve.delete(FAULT_APP)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+def wait_healthy(url: str, timeout_s: float = RECOVER_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout_s:.0f} s")
+
+
+def replica_pids(app: str, deployment: str) -> list[int]:
+    """Live replica processes of a deployment, from Ray's state API."""
+    import ray
+    from ray.util.state import list_actors
+
+    filters: list[tuple[str, str, Any]] = [("class_name", "=", f"ServeReplica:{app}:{deployment}"),
+                                           ("state", "=", "ALIVE")]
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=filters)
+    return [int(a.pid or 0) for a in actors]
+
+
+def running_replicas(app: str, deployment: str) -> tuple[str, int]:
+    from ray import serve
+
+    d = serve.status().applications[app].deployments[deployment]
+    running = {str(getattr(k, "value", k)): n for k, n in d.replica_states.items()}.get("RUNNING", 0)
+    return str(getattr(d.status, "value", d.status)), int(running)
+
+
+def wait_replaced(app: str, deployment: str, killed: int, replicas: int = 1) -> float:
+    """Seconds until `deployment` is HEALTHY with `replicas` running replicas again, none of them `killed`."""
+    start = time.monotonic()
+    while time.monotonic() - start < RECOVER_S:
+        status, running = running_replicas(app, deployment)
+        pids = replica_pids(app, deployment)
+        if status == "HEALTHY" and running == replicas and len(pids) == replicas and killed not in pids:
+            return time.monotonic() - start
+        time.sleep(0.5)
+    now = running_replicas(app, deployment)
+    raise AssertionError(f"{deployment} not back to {replicas} replica(s): {now}")
+
+
+def kill(pid: int) -> float:
+    os.kill(pid, signal.SIGKILL)
+    return time.monotonic()
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def sse_payloads(lines: list[str]) -> list[Any]:
+    return [line.removeprefix("data: ") if line == "data: [DONE]" else json.loads(line.removeprefix("data: "))
+            for line in lines if line.startswith("data: ")]
+
+
+@dataclass
+class Stream:
+    """One streamed completion as it arrives: tokens so far, its events, when it ended."""
+
+    seen: int = 0  # data lines so far
+    events: list[Any] = field(default_factory=list)
+    status: int | None = None
+    ended_at: float | None = None
+
+    def token_ids(self) -> list[int]:
+        last = [e for e in self.events if isinstance(e, dict) and e.get("choices")
+                and e["choices"][0].get("finish_reason")]
+        return list(last[-1]["choices"][0].get("token_ids") or []) if last else []
+
+    def text(self) -> str:
+        chunks = [e for e in self.events if isinstance(e, dict) and e.get("choices")]
+        return "".join(e["choices"][0]["text"] for e in chunks)
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [e["error"] for e in self.events if isinstance(e, dict) and "error" in e]
+
+
+async def consume(http: httpx.AsyncClient, url: str, body: dict[str, Any], out: Stream) -> None:
+    async with http.stream("POST", f"{url}/completions", json={**body, "stream": True}) as r:
+        out.status = r.status_code
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                out.events.extend(sse_payloads([line]))
+                out.seen += 1
+    out.ended_at = time.monotonic()
+
+
+async def with_streams(url: str, bodies: list[dict[str, Any]], victim: int,
+                       min_events: int = 2) -> tuple[list[Stream], float, list[int]]:
+    """Stream every body; once each has `min_events` events, SIGKILL `victim`. Returns the streams, the
+    kill time, and each stream's event count at the kill."""
+    streams = [Stream() for _ in bodies]
+    async with httpx.AsyncClient(timeout=TIMEOUT_S, limits=httpx.Limits(max_connections=64)) as http:
+        tasks = [asyncio.create_task(consume(http, url, b, s)) for b, s in zip(bodies, streams, strict=True)]
+        try:
+            deadline = time.monotonic() + TIMEOUT_S
+            while min(s.seen for s in streams) < min_events:
+                assert time.monotonic() < deadline, f"streams did not start: {[s.seen for s in streams]}"
+                assert not any(t.done() for t in tasks), "a stream ended before the kill"
+                await asyncio.sleep(0.01)
+            at_kill = [s.seen for s in streams]
+            killed_at = kill(victim)
+            await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT_S)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return streams, killed_at, at_kill
+
+
+# ---- an expert replica dies mid-generation --------------------------------------------------------------
+PROMPTS = [[1, 200 + 37 * i, 300 + i, 4000 + 11 * i] for i in range(8)]
+KILL_TOKENS = 40
+
+
+def test_killed_expert_replica_loses_no_tokens(fault_app: FaultApp, oracle: Oracle) -> None:
+    """SIGKILL shard 0's only replica while 8 greedy streams generate: each stream still equals the
+    in-process model token for token; Serve brings the shard back to one replica."""
+    wants = oracle([GenerateRequest(p, greedy(KILL_TOKENS)) for p in PROMPTS])
+    (victim,) = replica_pids(fault_app.name, "expert-shard-0")
+    bodies = [{"prompt": p, "max_tokens": KILL_TOKENS, "temperature": 0, "ignore_eos": True,
+               "return_token_ids": True} for p in PROMPTS]
+    streams, killed_at, at_kill = asyncio.run(with_streams(fault_app.base_url, bodies, victim))
+    assert max(at_kill) < KILL_TOKENS, "the kill came after the streams had finished"
+    for s, want in zip(streams, wants, strict=True):
+        assert s.status == 200 and not s.errors(), s.errors()
+        assert s.events[-1] == "[DONE]"
+        assert s.token_ids() == [e.token_id for e in want]
+        assert s.text() == "".join(e.text for e in want)
+    finished_s = max(s.ended_at or 0.0 for s in streams) - killed_at
+    back_s = wait_replaced(fault_app.name, "expert-shard-0", victim)
+    print(f"\nexpert replica killed: streams done {finished_s:.1f} s later, shard running again after "
+          f"{back_s:.1f} s more")
+
+
+def test_a_shard_with_no_live_replica_fails_fast(fault_app: FaultApp, tiny_dir: Path) -> None:
+    """`ShardedExperts` over the app's shard handles: equal to the in-process experts; with shard 0's
+    replica dead and a short `shard_timeout_s`, a call fails with `ShardUnavailableError` once the
+    timeout has passed (Serve's router would otherwise hold it until a replacement starts)."""
+    from ray import serve
+
+    from moray.actors.placement import Placement
+    from moray.actors.transport import ShardedExperts, ShardUnavailableError
+    from moray.model.config import MixtralConfig
+    from moray.model.mixtral import load_local
+
+    cfg = MixtralConfig.load(tiny_dir)
+    handles = [serve.get_deployment_handle(f"expert-shard-{g}", fault_app.name) for g in range(2)]
+    timeout_s = 0.5
+    sharded = ShardedExperts(Placement.round_robin(cfg.n_layers, cfg.n_experts, 2), handles, timeout_s)
+    _, local = load_local(tiny_dir)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, cfg.dim, generator=gen)  # [T, D]
+    ids = torch.stack([torch.randperm(cfg.n_experts, generator=gen)[:2] for _ in range(6)])  # [T, A]
+    gates = torch.softmax(torch.randn(6, 2, generator=gen), -1)  # [T, A]
+    want = asyncio.run(local(1, x, ids, gates))
+    torch.testing.assert_close(asyncio.run(sharded(1, x, ids, gates)), want, rtol=1e-4, atol=1e-5)
+
+    (victim,) = replica_pids(fault_app.name, "expert-shard-0")
+    kill(victim)
+    start = time.monotonic()
+    with pytest.raises(ShardUnavailableError, match="shard 0"):
+        asyncio.run(sharded(1, x, ids, gates))
+    assert time.monotonic() - start < timeout_s + 10.0
+    wait_replaced(fault_app.name, "expert-shard-0", victim)
+    torch.testing.assert_close(asyncio.run(sharded(1, x, ids, gates)), want, rtol=1e-4, atol=1e-5)
+
+
+# ---- the dispatcher dies mid-generation -------------------------------------------------------------------
+def poll_until_served(url: str, since: float) -> list[tuple[float, int, float, httpx.Response]]:
+    """POST small completions until one succeeds: (seconds after `since`, status, latency, response)."""
+    seen = []
+    while time.monotonic() - since < BACK_S + 30:
+        t = time.monotonic()
+        r = httpx.post(f"{url}/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=TIMEOUT_S)
+        seen.append((t - since, r.status_code, time.monotonic() - t, r))
+        if r.status_code == 200:
+            break
+        time.sleep(0.3)
+    return seen
+
+
+def test_killed_dispatcher_ends_streams_with_errors_then_recovers(fault_app: FaultApp) -> None:
+    wait_healthy(fault_app.url)
+    (victim,) = replica_pids(fault_app.name, "dispatcher")
+    # 8 x 1000 tokens fit the KV cache together (max_num_seqs 8 x 1024 tokens), and outlast the kill
+    bodies = [{"prompt": p, "max_tokens": 1000, "temperature": 0, "ignore_eos": True} for p in PROMPTS]
+    streams, killed_at, _ = asyncio.run(with_streams(fault_app.base_url, bodies, victim))
+    for s in streams:
+        assert s.status == 200 and s.ended_at is not None
+        assert s.ended_at - killed_at < ERROR_EVENT_S
+        assert s.events[-1] == "[DONE]" and isinstance(s.events[-2], dict)
+        error = s.events[-2]["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == 503, error
+    errors_s = max(s.ended_at or 0.0 for s in streams) - killed_at
+    health = httpx.get(f"{fault_app.url}/health", timeout=TIMEOUT_S)
+    seen = poll_until_served(fault_app.base_url, killed_at)
+    *refused, (served_s, status, _, ok) = seen
+    assert status == 200 and served_s < BACK_S, [(round(t, 1), s) for t, s, _, _ in seen]
+    assert ok.json()["usage"]["completion_tokens"] >= 1
+    assert refused and health.status_code == 503, "no 503 while the dispatcher was down"
+    for _, status, latency, r in refused:
+        assert status == 503 and r.json()["error"]["code"] == 503 and r.headers["retry-after"], r.text
+        assert latency < 10.0
+    wait_replaced(fault_app.name, "dispatcher", victim)
+    print(f"\ndispatcher killed: error events after {errors_s:.2f} s, {len(refused)} x 503, "
+          f"served again after {served_s:.1f} s")
+
+
+# ---- a flood --------------------------------------------------------------------------------------------
+FLOOD, FLOOD_TOKENS, DISTINCT = 200, 8, 20
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+async def flood(app: ServedApp) -> tuple[list[tuple[httpx.Response, float]], list[tuple[int, float]],
+                                         list[dict[str, Any]]]:
+    """FLOOD completions at once while /health and /v1/moray/status are polled."""
+    done = asyncio.Event()
+    health: list[tuple[int, float]] = []
+    engine: list[dict[str, Any]] = []
+
+    async def one(http: httpx.AsyncClient, i: int) -> tuple[httpx.Response, float]:
+        body = {"prompt": PROMPTS[i % 8][:3] + [5000 + i % DISTINCT], "max_tokens": FLOOD_TOKENS,
+                "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        t = time.monotonic()
+        r = await http.post(f"{app.base_url}/completions", json=body)
+        return r, time.monotonic() - t
+
+    async def watch(http: httpx.AsyncClient) -> None:
+        while not done.is_set():
+            t = time.monotonic()
+            r = await http.get(f"{app.http_url}/health", timeout=30)
+            health.append((r.status_code, time.monotonic() - t))
+            s = await http.get(f"{app.base_url}/moray/status", timeout=30)
+            engine.append(s.json()["dispatcher"])
+            await asyncio.sleep(0.2)
+
+    limits = httpx.Limits(max_connections=FLOOD + 8)
+    async with httpx.AsyncClient(timeout=TIMEOUT_S * 2, limits=limits) as http:
+        watcher = asyncio.create_task(watch(http))
+        responses = await asyncio.gather(*(one(http, i) for i in range(FLOOD)))
+        done.set()
+        await watcher
+    return responses, health, engine
+
+
+def test_flood_gets_fast_429s_and_every_accepted_request_is_right(served_app: ServedApp,
+                                                                   oracle: Oracle) -> None:
+    cfg = served_app.config
+    prompts = [PROMPTS[i % 8][:3] + [5000 + i % DISTINCT] for i in range(FLOOD)]
+    wants = {tuple(p): [e.token_id for e in events] for p, events in
+             zip(prompts[:40], oracle([GenerateRequest(p, greedy(FLOOD_TOKENS)) for p in prompts[:40]]),
+                 strict=True)}
+    status = httpx.get(f"{served_app.base_url}/moray/status", timeout=30).json()
+    dispatcher_pid = int(status["dispatcher"]["pid"])
+    (ingress_pid,) = replica_pids(served_app.app_name, "openai-ingress")
+    before = {pid: rss_mb(pid) for pid in (dispatcher_pid, ingress_pid)}
+    responses, health, engine = asyncio.run(flood(served_app))
+
+    ok = [(r, s) for r, s in responses if r.status_code == 200]
+    busy = [(r, s) for r, s in responses if r.status_code == 429]
+    assert len(ok) + len(busy) == FLOOD, sorted({r.status_code for r, _ in responses})
+    assert busy and len(ok) >= cfg.max_waiting
+    for r, _ in busy:
+        assert r.headers["retry-after"] and r.json()["error"]["code"] == 429
+    for (r, _), p in zip(responses, prompts, strict=True):
+        if r.status_code == 200:
+            assert r.json()["choices"][0]["token_ids"] == wants[tuple(p)]
+    slowest_429 = max(s for _, s in busy)
+    assert slowest_429 < 15.0, f"a 429 took {slowest_429:.1f} s"
+    assert health and all(status == 200 for status, _ in health), health
+    assert max(s for _, s in health) < 10.0
+    assert max(int(e["waiting"]) for e in engine) <= cfg.max_waiting
+    assert max(int(e["running"]) for e in engine) <= cfg.max_num_seqs
+    growth = {pid: rss_mb(pid) - mb for pid, mb in before.items()}
+    assert max(growth.values()) < 200.0, growth
+    median_ok = sorted(s for _, s in ok)[len(ok) // 2]
+    print(f"\nflood: {len(ok)} x 200 (median {median_ok:.1f} s), {len(busy)} x 429 (slowest "
+          f"{slowest_429:.2f} s), /health slowest {max(s for _, s in health):.2f} s, RSS growth MB {growth}")
+
+
+# ---- startup errors test_serve_cli.py does not cover -----------------------------------------------------
+MARK = "MORAY_E2E_MARK"
+
+
+def marked(mark: str) -> list[int]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(MARK) == mark and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def serve_fails(args: list[str]) -> str:
+    """`moray serve ARGS` must exit 2 with one `moray: error:` line, leaving no process behind."""
+    import socket
+
+    mark = os.urandom(8).hex()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MORAY_API_KEY")}
+    script = Path(sys.executable).with_name("moray")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "moray.deploy.cli"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([*command, "serve", "--port", str(port), *args], capture_output=True, text=True,
+                         timeout=180, env={**env, MARK: mark})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr
+    assert len(lines) == 1 and lines[0].startswith("moray: error: "), out.stderr
+    assert not marked(mark), "a startup error left processes running"
+    return lines[0]
+
+
+def test_more_shards_than_gpus_is_a_startup_error(tiny_dir: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs: the GPU count check passes")
+    line = serve_fails(["--model", str(tiny_dir), "--device", "cuda", "--num-shards", "2"])
+    assert "GPU" in line and "2 shards" in line
+
+
+def test_grpc_port_in_use_is_a_startup_error(tiny_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = serve_fails(["--model", str(tiny_dir), "--grpc-port", str(port)])
+    assert "gRPC" in line and str(port) in line
+
+
+def test_unreadable_config_json_is_a_startup_error(tmp_path: Path, tiny_dir: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "config.json").write_text("{not json")
+    assert "broken" in serve_fails(["--model", str(broken)])
