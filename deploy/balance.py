@@ -91,8 +91,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     summary = (f"max/mean load per GPU (mean over layers): before {before['imbalance_mean']:.3f}, "
                if before else "max/mean load per GPU (mean over layers): before -, ")
     lines.append(summary + f"after {after['imbalance_mean']:.3f} (worst layer {after['imbalance_max']:.3f})")
-    lines.append(f"wrote {report['placement']} ({after['num_shards']} shards; expert slots per GPU, all layers: "
-                 f"{after['slots_per_gpu']}): moray serve --placement {report['placement']}")
+    lines.append(f"wrote {report['placement']} ({after['num_shards']} shards; expert slots per GPU, "
+                 f"all layers: {after['slots_per_gpu']}): moray serve --placement {report['placement']}")
     return "\n".join(lines) + "\n"
 
 
