@@ -421,7 +421,7 @@ def open_system(name: str, args: argparse.Namespace, model_dir: str) -> Any:
 
 
 def run_system(target: Any, jobs: list[Job], concurrency: int, name: str, progress: bool,
-               facts: dict[str, Any]) -> dict[str, Any]:
+               facts: dict[str, Any] | None) -> dict[str, Any]:
     if hasattr(target, "run_batch"):  # static batches (transformers generate)
         return dict(target.run_batch(jobs, concurrency, progress))
     return asyncio.run(measure(target, jobs, concurrency, f"{name} c={concurrency}", progress, facts))
@@ -454,14 +454,28 @@ def wait_quiet(max_busy: float, timeout_s: float) -> float:
     return busy
 
 
-def best_of(repeats: int, once: Callable[[], dict[str, Any]], max_busy: float = 0.0,
+def level_jobs(args: argparse.Namespace, concurrency: int, vocab_size: int, repeat: int,
+               default_n: int = 0) -> list[Job]:
+    """The jobs of one concurrency level and repeat: the same for every system measured."""
+    n = args.num_requests or default_n or concurrency
+    return make_jobs(n, args.prompt_len, args.output_len, vocab_size, args.seed + concurrency + 1000 * repeat)
+
+
+def run_repeat(target: Any, args: argparse.Namespace, concurrency: int, name: str, facts: dict[str, Any],
+               repeat: int, default_n: int = 0) -> dict[str, Any]:
+    jobs = level_jobs(args, concurrency, facts["vocab_size"] if facts else args.vocab_size, repeat, default_n)
+    return run_system(target, jobs, concurrency, name, not args.no_progress, facts)
+
+
+def best_of(repeats: int, once: Callable[[int], dict[str, Any]], max_busy: float = 0.0,
             timeout_s: float = 900.0) -> dict[str, Any]:
     """The run with the most output tokens/s of `repeats` (other processes' bursts only slow runs down),
-    with every repeat's tokens/s and the CPU busy fraction (other processes) just before each."""
+    with every repeat's tokens/s and the CPU busy fraction (other processes) just before each.
+    `once(repeat)` runs one repeat (each repeat has fresh prompts: no prefix-cache hits across repeats)."""
     runs = []
-    for _ in range(max(repeats, 1)):
+    for repeat in range(max(repeats, 1)):
         busy = wait_quiet(max_busy, timeout_s) if max_busy > 0 else cpu_busy(0.5)
-        runs.append({**once(), "cpu_busy_before": busy})
+        runs.append({**once(repeat), "cpu_busy_before": busy})
     best = max(runs, key=lambda r: r["output_tokens_per_s"])
     return {**best, "repeats_output_tokens_per_s": [r["output_tokens_per_s"] for r in runs],
             "repeats_cpu_busy_before": [r["cpu_busy_before"] for r in runs]}
@@ -494,9 +508,7 @@ def measure_levels(target: Any, name: str, args: argparse.Namespace, facts: dict
     """One system at every concurrency level (each level's jobs are the same for every system)."""
     runs = []
     for c in args.concurrency:
-        jobs = make_jobs(args.num_requests or c, args.prompt_len, args.output_len, facts["vocab_size"],
-                         args.seed + c)
-        once = partial(run_system, target, jobs, c, name, not args.no_progress, facts)
+        once = partial(run_repeat, target, args, c, name, facts)
         result = best_of(args.repeats, once, args.wait_quiet, args.wait_quiet_timeout)
         if isinstance(target, LocalTarget):
             touched[c] = target.counter.touched(c)

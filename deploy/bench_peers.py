@@ -41,9 +41,9 @@ from moray.deploy.bench import (
     ensure_ray,
     finish_report,
     make_jobs,
-    measure,
     model_facts,
     new_report,
+    run_repeat,
     stop_ray,
     summarize,
 )
@@ -305,9 +305,7 @@ def run_online(args: argparse.Namespace) -> dict[str, Any]:
     report["bandwidth"] = measure_bandwidth(args.bandwidth_gib) if facts else None
     target = HttpTarget(args.url, not args.no_logprobs)
     for c in args.concurrency:
-        jobs = make_jobs(args.num_requests or c, args.prompt_len, args.output_len,
-                         facts["vocab_size"] if facts else args.vocab_size, args.seed + c)
-        once = partial(_measure_once, target, jobs, c, f"{args.url} c={c}", not args.no_progress, facts)
+        once = partial(run_repeat, target, args, c, f"{args.url}", facts)
         result = best_of(args.repeats, once, args.wait_quiet, args.wait_quiet_timeout)
         report["runs"].append({"system": f"server {target.model}", "concurrency": c, **result})
     finish_report(report, facts, {})
@@ -484,18 +482,11 @@ def run_skewed(args: argparse.Namespace) -> dict[str, Any]:
 def _run_levels(report: dict[str, Any], name: str, target: Any, args: argparse.Namespace,
                 facts: dict[str, Any], n_jobs: int) -> None:
     for c in args.concurrency:
-        jobs = make_jobs(n_jobs or 4 * c, args.prompt_len, args.output_len, facts["vocab_size"],
-                         args.seed + c)
-        once = partial(_measure_once, target, jobs, c, f"{name} c={c}", not args.no_progress, facts)
+        once = partial(run_repeat, target, args, c, name, facts, default_n=n_jobs or 4 * c)
         result = best_of(args.repeats, once, args.wait_quiet, args.wait_quiet_timeout)
         report["runs"].append({"system": name, "concurrency": c, **result})
         log.info("bench: %s c=%d: %.1f output tok/s, ITL p99 %.1f ms", name, c, result["output_tokens_per_s"],
                  1e3 * (result["itl_s"]["p99"] or 0.0))
-
-
-def _measure_once(target: Any, jobs: list[Job], concurrency: int, desc: str, progress: bool,
-                  facts: dict[str, Any] | None) -> dict[str, Any]:
-    return asyncio.run(measure(target, jobs, concurrency, desc, progress, facts))
 
 
 # ---- plots ---------------------------------------------------------------------------------------
