@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -496,6 +497,8 @@ def run_offline(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
             report["runs"] += measure_levels(target, name, args, facts, touched)
         finally:
             target.close()
+        target = None  # free this system's weights before the next one loads
+        gc.collect()
         if args.out:  # what is measured survives a later failure or interruption
             Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
     finish_report(report, facts, touched)
