@@ -91,13 +91,16 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
     from ray import serve
 
     from moray.deploy.openai import OpenAIIngress
-    from moray.deploy.shards import ServedDispatcher, ServedExpertShard
+    from moray.deploy.shards import ServedDispatcher, ServedExpertShard, shard_router_config
 
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
     path, device = model_dir(config), config.resolved_device()
     dtype = str(config.resolved_dtype()).removeprefix("torch.")
     plan = placement(config, MixtralConfig.load(path))
-    shard: Any = serve.deployment(ServedExpertShard, **SHARD_OPTIONS, **_shard_scaling(config))
+    # Each step's chunks for one shard go to its least-loaded replicas (Serve's default router would
+    # often put both chunks of a step on one replica).
+    shard: Any = serve.deployment(ServedExpertShard, **SHARD_OPTIONS, **_shard_scaling(config),
+                                  request_router_config=shard_router_config())
     shards = [shard.options(name=f"expert-shard-{g}",
                             ray_actor_options={"num_cpus": config.shard_cpus, **_gpus(config)})
               .bind(path, g, plan.shard_experts(g), dtype=dtype, device=device)

@@ -307,11 +307,17 @@ class ActorsTarget:
         self.runtime.shutdown()
 
 
+_started_ray = False  # whether `ensure_ray` started the Ray this process is connected to
+
+
 def ensure_ray(cpus_needed: float) -> None:
-    """A fresh local Ray with at least `cpus_needed` logical CPUs (the cores, or more when asked)."""
+    """A fresh local Ray with at least `cpus_needed` logical CPUs (the cores, or more when asked); a
+    Ray this process is already connected to (a caller's own cluster) is used as it is."""
+    global _started_ray
     import ray
 
     if not ray.is_initialized():
+        _started_ray = True
         # Ray starts workers at nice 15 by default; on a shared machine that hands them last place
         # behind everything else, while the in-process engine and the peers run at nice 0.
         os.environ.setdefault("RAY_worker_niceness", "0")
@@ -521,10 +527,13 @@ def measure_levels(target: Any, name: str, args: argparse.Namespace, facts: dict
 
 
 def stop_ray() -> None:
+    """Shut down the Ray that `ensure_ray` started (never a caller's own connection)."""
+    global _started_ray
     import ray
 
-    if ray.is_initialized():
+    if _started_ray and ray.is_initialized():
         ray.shutdown()
+    _started_ray = False
 
 
 # ---- the report ----------------------------------------------------------------------------------

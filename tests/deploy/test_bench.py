@@ -151,7 +151,10 @@ def test_http_target_through_the_openai_ingress(micro_dir: Path) -> None:
     assert run["step"] is not None and run["step"]["steps"] > 0  # /v1/moray/status answered
 
 
-def test_compare_against_transformers(micro_dir: Path, tmp_path: Path) -> None:
+def test_compare_against_transformers(ray_session: Any, micro_dir: Path, tmp_path: Path) -> None:
+    """Also: the bench leaves a Ray it did not start (here the session's) connected."""
+    import ray
+
     pytest.importorskip("transformers")
     out = tmp_path / "compare.json"
     code = cli_main(["bench", "--compare", "--systems", "transformers,moray-local", "--model", str(micro_dir),
@@ -164,6 +167,7 @@ def test_compare_against_transformers(micro_dir: Path, tmp_path: Path) -> None:
     assert runs["transformers"]["vs_transformers"] == 1.0
     ratio = runs["moray-local"]["output_tokens_per_s"] / runs["transformers"]["output_tokens_per_s"]
     assert runs["moray-local"]["vs_transformers"] == pytest.approx(ratio)
+    assert ray.is_initialized() and ray.get_runtime_context().gcs_address == ray_session.address
 
 
 def test_bad_mode_combinations_fail_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:

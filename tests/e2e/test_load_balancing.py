@@ -90,18 +90,6 @@ def expected(biased_dir: Path) -> dict[str, list[int]]:
 
 
 # ---- deploying ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def shard_router() -> Iterator[None]:
-    """The shard deployments route with `LeastLoadedRouter` (until deploy/app.py's SHARD_OPTIONS does)."""
-    from moray.deploy import app as app_module
-    from moray.deploy.shards import shard_router_config
-
-    with pytest.MonkeyPatch.context() as mp:
-        if "request_router_config" not in app_module.SHARD_OPTIONS:
-            mp.setitem(app_module.SHARD_OPTIONS, "request_router_config", shard_router_config())
-        yield
-
-
 def lb_config(model: Path, **overrides: Any) -> ServerConfig:
     base: dict[str, Any] = dict(model=str(model), served_model_name=MODEL, app_name=APP,
                                 num_shards=NUM_SHARDS,
