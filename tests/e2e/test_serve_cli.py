@@ -122,7 +122,11 @@ def test_serve_starts_answers_and_stops_clean() -> None:
             denied = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=60)
             assert denied.status_code == 401 and denied.json()["error"]["code"] == 401
         assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
-        assert any("ready" in line and str(port) in line for line in server.lines), server.lines
+        # /health can answer a moment before `serve.run` returns and the CLI logs its ready line.
+        deadline = time.monotonic() + 30
+        while not any("ready" in line and str(port) in line for line in server.lines):
+            assert time.monotonic() < deadline, server.lines
+            time.sleep(0.2)
         server.track()
         assert server.tree, "moray serve started no child processes?"
         os.kill(server.proc.pid, signal.SIGINT)
