@@ -55,7 +55,7 @@ class Dispatcher:
 
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), **self.experts.stats(), "param_bytes": self.model.param_bytes(),
-                "param_names": sorted(self.model.params.keys()), "pid": os.getpid()}
+                "param_names": self.model.param_names(), "pid": os.getpid()}
 
     def node_id(self) -> str | None:
         import ray

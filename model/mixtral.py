@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from moray.model.config import MixtralConfig
 from moray.model.experts import LocalExperts
 from moray.model.kv_cache import KVCache
-from moray.model.layers import StepBatch, apply_rope, paged_attention, rms_norm, rope_tables, route
+from moray.model.layers import (
+    StepBatch,
+    apply_rope,
+    linear,
+    pack_linear,
+    paged_attention,
+    rms_norm,
+    rope_tables,
+    route,
+)
 from moray.model.weights import load_attention, load_experts
 
 
@@ -38,6 +46,9 @@ class Routed:
     gates: torch.Tensor  # [T, A]
 
 
+PACKED = ("wqkv", "wo", "lm_head")  # weights used only through `linear` (the embedding is indexed)
+
+
 class Mixtral(torch.nn.Module):
     def __init__(self, cfg: MixtralConfig, weights: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
@@ -51,10 +62,14 @@ class Mixtral(torch.nn.Module):
             tensors[p + "wqkv"] = torch.cat(
                 [tensors.pop(p + "wq"), tensors.pop(p + "wk"), tensors.pop(p + "wv")]
             )
+        # The big matmul weights in the layout of the fastest kernel here (`pack_linear`: oneDNN-packed
+        # on CPU, as they are elsewhere); everything else as Parameters.
+        packed = {n: pack_linear(tensors.pop(n)) for n in list(tensors) if n.endswith(PACKED)}
         self.params = torch.nn.ParameterDict(
             {n.replace(".", "_"): torch.nn.Parameter(t, requires_grad=False) for n, t in tensors.items()}
         )
         self._tensors = {n: self.params[n.replace(".", "_")] for n in tensors}  # plain dict: fast lookups
+        self._tensors.update(packed)
         device = weights["embed"].device
         self.cos, self.sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, device)
 
@@ -75,7 +90,7 @@ class Mixtral(torch.nn.Module):
     def attention(self, layer: int, h: torch.Tensor, batch: StepBatch, kv: KVCache) -> Routed:
         cfg, p = self.cfg, f"layers.{layer}."
         x = rms_norm(h, self.w(p + "attn_norm"), cfg.norm_eps)
-        q, k, v = F.linear(x, self.w(p + "wqkv")).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
+        q, k, v = linear(x, self.w(p + "wqkv")).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
         q = q.reshape(-1, cfg.n_heads, cfg.head_dim)  # [T, H, d]
         k = k.reshape(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
         v = v.reshape(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
@@ -83,14 +98,14 @@ class Mixtral(torch.nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv.write(layer, batch.slot_mapping, k, v)
         attn = paged_attention(q, kv.k[layer], kv.v[layer], batch)  # [T, H, d]
-        h = h + F.linear(attn.flatten(1), self.w(p + "wo"))
+        h = h + linear(attn.flatten(1), self.w(p + "wo"))
         x = rms_norm(h, self.w(p + "ffn_norm"), cfg.norm_eps)
         ids, gates = route(x, self.w(p + "gate"), cfg.top_k)
         return Routed(h, x, ids, gates)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.w("embed") if self.cfg.tie_embeddings else self.w("lm_head")
-        return F.linear(rms_norm(h, self.w("norm"), self.cfg.norm_eps), head).float()  # [N, V]
+        return linear(rms_norm(h, self.w("norm"), self.cfg.norm_eps), head).float()  # [N, V]
 
     async def forward_step(self, batch: StepBatch, kv: KVCache, experts: ExpertBackend) -> torch.Tensor:
         """One engine step through every layer: next-token logits [N, V] at `batch.logits_index`."""
@@ -100,8 +115,11 @@ class Mixtral(torch.nn.Module):
             h = r.h + await experts(layer, r.x, r.ids, r.gates)
         return self.logits(h[batch.logits_index])
 
+    def param_names(self) -> list[str]:
+        return sorted(self._tensors)
+
     def param_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.params.values())
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
 
 def load_local(
