@@ -137,10 +137,11 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def local_cpus(config: Any) -> int:
-    """Logical CPUs for a local Ray: every actor's reservation at its largest replica count, or the cores."""
+def local_cpus(config: Any, num_shards: int) -> int:
+    """Logical CPUs for a local Ray: every actor's reservation at its largest replica count, or the cores.
+    `num_shards`: the placement's (a `--placement` file sets it, not `--num-shards`)."""
     per_shard = config.shard_max_replicas if config.autoscaling else config.shard_min_replicas
-    shards = config.num_shards * per_shard
+    shards = num_shards * per_shard
     dispatchers = config.dispatcher_max_replicas if config.autoscaling else config.dispatcher_replicas
     need = shards * config.shard_cpus + dispatchers * config.dispatcher_cpus
     return max(os.cpu_count() or 1, int(need + 0.999))
@@ -157,7 +158,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ConfigError, StartupError) as e:
         return fail(str(e))
     stop = _stop_event()
-    ray.init(address=args.address or "local", num_cpus=None if args.address else local_cpus(config),
+    cpus = None if args.address else local_cpus(config, plan.num_shards)
+    ray.init(address=args.address or "local", num_cpus=cpus,
              log_to_driver=args.verbose, namespace="serve", ignore_reinit_error=True)
     try:
         from moray.deploy.app import run_app

@@ -83,6 +83,7 @@ __all__ = ["OpenAIIngress", "create_api", "parse", "to_api_error", "unwrap"]  # 
 
 log = logging.getLogger(__name__)
 
+STATUS_TIMEOUT_S = 5.0  # longest wait for the expert-shard replicas' load reports in /v1/moray/status
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 Started = tuple[Job, TokenEvent, AsyncIterator[TokenEvent]]
 
@@ -172,11 +173,19 @@ class OpenAIIngress(GrpcMixin):
         return self.dispatcher.generate(request)
 
     async def status(self) -> dict[str, Any]:
-        """Replica counts per deployment (under Serve) and the dispatcher's engine stats."""
+        """The dispatcher's engine stats; under Serve also what `moray status` prints: each deployment's
+        state and replica counts, each expert-shard replica's load report and per-(layer, expert) token
+        counts and rates (`moray.deploy.balance.app_status`)."""
         out: dict[str, Any] = {"model": self.served_model_name, "max_model_len": self.max_model_len}
         if self._is_handle():
+            from moray.deploy.balance import app_status
+
             out["dispatcher"] = await self.dispatcher.stats.remote()
-            out["deployments"] = await asyncio.to_thread(deployment_states, self.config.app_name)
+            try:
+                app = await asyncio.to_thread(app_status, self.config.app_name, STATUS_TIMEOUT_S)
+            except LookupError as e:  # the app is being deleted under us
+                raise APIError(503, str(e)) from None
+            out.update({k: app[k] for k in ("status", "deployments", "shards", "experts")})
         else:
             out["dispatcher"] = self.dispatcher.stats()
         out["dispatcher"].pop("param_names", None)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -362,10 +363,21 @@ def test_a_client_that_disconnects_frees_its_slot(served_app: ServedApp) -> None
 
 
 def test_status_lists_every_deployment(served_app: ServedApp) -> None:
+    """What `moray status` prints: deployments, each shard replica's load report, [L][E] token tables."""
+    body = {"prompt": "status check", "max_tokens": 3, "temperature": 0}
+    assert httpx.post(f"{served_app.base_url}/completions", json=body, timeout=TIMEOUT_S).status_code == 200
     status = httpx.get(f"{served_app.base_url}/moray/status", timeout=TIMEOUT_S).json()
     deployments = status["deployments"]
     assert {"openai-ingress", "dispatcher", "expert-shard-0", "expert-shard-1"} <= set(deployments)
     assert deployments["expert-shard-1"]["replicas"].get("RUNNING") == 1
+    assert status["status"] == "RUNNING"
+    cfg = MixtralConfig.load(served_app.model_dir)
+    assert {name: len(s["replicas"]) for name, s in status["shards"].items()} == {"expert-shard-0": 1,
+                                                                                   "expert-shard-1": 1}
+    tokens = np.asarray(status["experts"]["tokens"])  # [L, E]
+    assert tokens.shape == (cfg.n_layers, cfg.n_experts)
+    per_layer = tokens.sum(1)
+    assert (per_layer == per_layer[0]).all() and per_layer[0] > 0 and per_layer[0] % cfg.top_k == 0
 
 
 # ---- the README's examples run as shown -------------------------------------------------------------------
