@@ -51,3 +51,28 @@ def test_padding_slots_contribute_nothing() -> None:
     y = bank(x, ids, gates)
     assert torch.all(y[1] == 0)
     torch.testing.assert_close(y, reference_moe(x, ids, gates, weights, 0, 4))
+
+
+def test_packed_linear_equals_f_linear_at_every_row_count() -> None:
+    """`linear` on a `pack_linear` weight (oneDNN-packed on CPU) equals `F.linear`, rows padded or
+    not, 2-D or 3-D, and zero rows."""
+    from moray.model.layers import linear, pack_linear
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 80, generator=gen)
+    packed = pack_linear(w)
+    for rows in (0, 1, 3, 16, 17, 64, 65, 130):
+        x = torch.randn(rows, 80, generator=gen)
+        torch.testing.assert_close(linear(x, packed), torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-4)
+    x3 = torch.randn(2, 5, 80, generator=gen)
+    torch.testing.assert_close(linear(x3, packed), torch.nn.functional.linear(x3, w), rtol=1e-4, atol=1e-4)
+
+
+def test_row_buckets_are_few_and_never_double_large_batches() -> None:
+    """oneDNN keeps a kernel (with its buffers) per row count: `linear` must see few distinct ones."""
+    from moray.model.layers import row_bucket
+
+    buckets = {row_bucket(r) for r in range(1, 2049)}
+    assert len(buckets) <= 40
+    assert all(row_bucket(r) >= r for r in range(1, 2049))
+    assert all(row_bucket(r) < r + 64 for r in range(65, 2049))
