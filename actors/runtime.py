@@ -33,8 +33,7 @@ class RuntimeOptions:
     dispatcher_cpus: float = 1.0
     shard_resources: dict[str, float] = field(default_factory=dict)  # extra custom resources per shard
     dispatcher_resources: dict[str, float] = field(default_factory=dict)
-    threads: int = 1  # torch threads in each shard
-    dispatcher_threads: int = 0  # torch threads in the dispatcher (0: `threads`)
+    threads: int = 1
 
 
 @dataclass
@@ -90,7 +89,7 @@ def start_runtime(model_dir: str, num_shards: int, engine_config: EngineConfig,
         num_cpus=opts.dispatcher_cpus, num_gpus=1 if gpu else 0, resources=opts.dispatcher_resources,
         scheduling_strategy=in_bundle(0), max_concurrency=1000,
     ).remote(model_dir, placement, shards, engine_config, dtype=opts.dtype, device=opts.device,
-             num_threads=opts.dispatcher_threads or opts.threads)
+             num_threads=opts.threads)
     ray.get([s.info.remote() for s in shards] + [dispatcher.stats.remote()])
     log.info("runtime up: %d expert shards, placement strategy %s", placement.num_shards, opts.strategy)
     return Runtime(dispatcher, shards, placement, group)

@@ -287,12 +287,12 @@ class ActorsTarget:
     """The expert-parallel runtime on Ray actors (`start_runtime`): a dispatcher and N shards."""
 
     def __init__(self, model_dir: str, num_shards: int, engine_config: Any, threads: int,
-                 placement: Any = None, dispatcher_threads: int = 0) -> None:
+                 placement: Any = None) -> None:
         from moray.actors.runtime import RuntimeOptions, start_runtime
 
         ensure_ray(1.0 + 0.5 * (placement.num_shards if placement else num_shards))
-        options = RuntimeOptions(threads=threads, dispatcher_threads=dispatcher_threads)
-        self.runtime = start_runtime(model_dir, num_shards, engine_config, placement=placement, options=options)
+        self.runtime = start_runtime(model_dir, num_shards, engine_config, placement=placement,
+                                     options=RuntimeOptions(threads=threads))
 
     async def stream(self, job: Job) -> AsyncIterator[int]:
         async for _ in self.runtime.stream(generate_request(job)):
@@ -420,9 +420,8 @@ def open_system(name: str, args: argparse.Namespace, model_dir: str) -> Any:
     if name.startswith("moray-local"):
         return LocalTarget(model_dir, engine_config(args, pingpong))
     if name.startswith("moray-actors-"):
-        return ActorsTarget(model_dir, shards, engine_config(args, pingpong),
-                            args.threads or max(1, (os.cpu_count() or 1) // shards),
-                            dispatcher_threads=int(os.environ.get("MORAY_BENCH_DISPATCHER_THREADS", "0")))
+        return ActorsTarget(model_dir, shards, engine_config(args, pingpong), args.threads or
+                            max(1, (os.cpu_count() or 1) // shards))
     if name.startswith("moray-serve-"):
         return peers.ServeTarget(model_dir, shards, max(args.concurrency), pingpong, not args.no_logprobs)
     raise ValueError(f"unknown system {name!r}")
