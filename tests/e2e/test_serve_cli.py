@@ -53,9 +53,12 @@ def marked(mark: str) -> list[str]:
     return found
 
 
-def alive(pid: int) -> bool:
+def alive(proc: tuple[int, float]) -> bool:
+    """Whether the process (pid, create time) still runs (a recycled pid is another process)."""
+    pid, created = proc
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        p = psutil.Process(pid)
+        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 
@@ -69,7 +72,7 @@ class Server:
                                      stderr=subprocess.STDOUT, text=True, env=clean_env(self.mark),
                                      start_new_session=True)
         self.lines: list[str] = []
-        self.tree: set[int] = set()
+        self.tree: set[tuple[int, float]] = set()  # (pid, create time) of every child seen
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -79,7 +82,8 @@ class Server:
 
     def track(self) -> None:
         try:
-            self.tree |= {c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)}
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+            self.tree |= {(c.pid, c.create_time()) for c in children}
         except psutil.NoSuchProcess:
             pass
 
@@ -99,8 +103,8 @@ class Server:
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
-        for pid in self.tree:
-            if alive(pid):
+        for pid, created in self.tree:
+            if alive((pid, created)):
                 psutil.Process(pid).kill()
 
 
@@ -134,8 +138,8 @@ def test_serve_starts_answers_and_stops_clean() -> None:
         rc = server.proc.wait(timeout=EXIT_S)
         assert rc == 0, "\n".join(server.lines[-30:])
         assert time.monotonic() - start < EXIT_S
-        deadline = time.monotonic() + 5
-        while marked(server.mark) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10
+        while (marked(server.mark) or any(map(alive, server.tree))) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not marked(server.mark), f"processes left behind: {marked(server.mark)}"
         assert not [p for p in server.tree if alive(p)]
