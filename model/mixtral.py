@@ -63,7 +63,7 @@ class Mixtral(torch.nn.Module):
                 [tensors.pop(p + "wq"), tensors.pop(p + "wk"), tensors.pop(p + "wv")]
             )
         # The big matmul weights in the layout of the fastest kernel here (`pack_linear`: oneDNN-packed
-        # on CPU, as they are elsewhere); everything else as Parameters.
+        # for fp32 on CPU, plain tensors elsewhere); everything else as Parameters.
         packed = {n: pack_linear(tensors.pop(n)) for n in list(tensors) if n.endswith(PACKED)}
         self.params = torch.nn.ParameterDict(
             {n.replace(".", "_"): torch.nn.Parameter(t, requires_grad=False) for n, t in tensors.items()}
