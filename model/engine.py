@@ -24,7 +24,7 @@ import torch
 from moray.model.kv_cache import BlockPool, KVCache
 from moray.model.layers import StepBatch
 from moray.model.mixtral import ExpertBackend, Mixtral
-from moray.model.sampling import SamplingParams, SamplingTensors, sample
+from moray.model.sampling import SamplingParams, SamplingTensors, sample, sample_rows
 from moray.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,15 @@ class QueueFullError(RuntimeError):
 
 @dataclass
 class GenerateRequest:
+    """`generated`: a continuation (a stream resumed elsewhere) carries the tokens already delivered
+    to the client. They are prefilled after the prompt and count as generated: sampling continues at
+    index len(generated), `max_tokens` and usage count the whole request, stop strings see their
+    text, and only the new tokens are streamed, with the text deltas the uninterrupted run sends."""
+
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    generated: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -72,6 +78,10 @@ class EngineConfig:
     max_waiting: int = 256
     pingpong: bool = False
     prefix_caching: bool = True
+    # Batch-invariant numerics and sampling: a request's tokens and logprobs do not depend on the other
+    # requests of a step nor on prefill chunking (invariant.py). The model (and the experts) must be
+    # built with the same flag. Slower; off = the fastest kernels.
+    deterministic: bool = False
 
 
 @dataclass
@@ -112,6 +122,11 @@ class AsyncEngine:
     def __init__(
         self, model: Mixtral, experts: ExpertBackend, tokenizer: Tokenizer, config: EngineConfig
     ) -> None:
+        if model.deterministic != config.deterministic:
+            raise ValueError(
+                f"EngineConfig.deterministic={config.deterministic} but the model was built with "
+                f"deterministic={model.deterministic}"
+            )
         self.model, self.experts, self.tokenizer, self.config = model, experts, tokenizer, config
         self.max_model_len = min(config.max_model_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         bs = config.block_size
@@ -162,9 +177,24 @@ class AsyncEngine:
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
         seed = p.seed if p.seed is not None else secrets.randbits(62)
         seq = Sequence(request, self.tokenizer, seed)
+        self._replay(seq, request.generated)
         self.waiting.append(seq)
         self._ensure_loop()
         return seq
+
+    def _replay(self, seq: Sequence, delivered: list[int]) -> None:
+        """Take a continuation's delivered tokens as generated, silently: text, stop-string search and
+        emitted text end where the uninterrupted run had them after its last delivered event."""
+        vocab = self.model.cfg.vocab_size
+        if len(delivered) >= seq.params.max_tokens:
+            raise RequestError(
+                f"{len(delivered)} tokens already generated: max_tokens is {seq.params.max_tokens}"
+            )
+        if any(not 0 <= t < vocab for t in delivered):
+            raise RequestError(f"generated token ids must be in [0, {vocab})")
+        for token in delivered:
+            if self._extend(seq, token)[1] is not None:
+                raise RequestError("the generated tokens already end the request (a stop token or string)")
 
     def _finish(self, seq: Sequence, reason: str = "cancelled") -> None:
         """Free a finished or cancelled sequence's blocks at once."""
@@ -314,7 +344,7 @@ class AsyncEngine:
             params, [s.seed for s in seqs], [s.generated for s in seqs], logits.device
         )
         num_logprobs = max((p.logprobs or 0 for p in params), default=0)
-        out = sample(logits, tensors, num_logprobs)
+        out = (sample_rows if self.config.deterministic else sample)(logits, tensors, num_logprobs)
         ids, lps = out.token_ids.tolist(), out.logprobs.tolist()
         top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.tolist()
         for i, seq in enumerate(seqs):
@@ -327,6 +357,17 @@ class AsyncEngine:
     def _append(
         self, seq: Sequence, token: int, logprob: float | None, top: list[tuple[int, float]] | None
     ) -> None:
+        delta, finish = self._extend(seq, token)
+        seq.queue.put_nowait(
+            TokenEvent(
+                seq.request.request_id, token, delta, logprob, top, finish, seq.prompt_len, seq.generated
+            )
+        )
+        if finish is not None:
+            self._finish(seq, f"finished ({finish})")
+
+    def _extend(self, seq: Sequence, token: int) -> tuple[str, str | None]:
+        """Add a generated token: (the text to send with it, the finish reason or None)."""
         seq.tokens.append(token)
         p, finish = seq.params, None
         if (token == self.model.cfg.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
@@ -341,13 +382,7 @@ class AsyncEngine:
             seq.text += seq.detok.flush()
         end = len(seq.text) if finish else max(seq.emitted, len(seq.text) - seq.hold)
         delta, seq.emitted = seq.text[seq.emitted : end], end
-        seq.queue.put_nowait(
-            TokenEvent(
-                seq.request.request_id, token, delta, logprob, top, finish, seq.prompt_len, seq.generated
-            )
-        )
-        if finish is not None:
-            self._finish(seq, f"finished ({finish})")
+        return delta, finish
 
     @staticmethod
     def _stop_index(seq: Sequence) -> int | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moray.model.invariant import by_row_tiles
 from moray.model.layers import linear, pack_linear, swiglu
 
 
@@ -26,7 +27,12 @@ class ExpertRequest:
 
 class ExpertBank(torch.nn.Module):
     """Several experts of one layer, computed grouped: tokens sorted by expert, one matmul pair per
-    expert that has tokens (never a loop over tokens)."""
+    expert that has tokens (never a loop over tokens).
+
+    `deterministic`: batch-invariant numerics (invariant.py): each expert runs on tiles of
+    `ROW_TILE` rows and a token's slots are summed in slot order, so a token's output depends only
+    on its own row, ids and gates, whatever else the request holds.
+    """
 
     def __init__(
         self,
@@ -35,9 +41,12 @@ class ExpertBank(torch.nn.Module):
         w2: torch.Tensor,
         w3: torch.Tensor,
         num_global_experts: int,
+        *,
+        deterministic: bool = False,
     ) -> None:
         super().__init__()
         self.expert_ids = list(expert_ids)
+        self.deterministic = deterministic
         # w1 and w3 fused: one matmul gives both halves of the SwiGLU input. Each expert's weights in
         # the layout of the fastest kernel here (`pack_linear`: oneDNN-packed on CPU).
         w13 = torch.cat([w1, w3], dim=1)  # [E, 2F, D]
@@ -56,13 +65,17 @@ class ExpertBank(torch.nn.Module):
         layer: int,
         expert_ids: Iterable[int],
         num_global_experts: int,
+        *,
+        deterministic: bool = False,
     ) -> ExpertBank:
         ids = sorted(expert_ids)
         stack = {
             w: torch.stack([tensors[f"layers.{layer}.experts.{e}.{w}"] for e in ids])
             for w in ("w1", "w2", "w3")
         }
-        return cls(ids, stack["w1"], stack["w2"], stack["w3"], num_global_experts)
+        return cls(
+            ids, stack["w1"], stack["w2"], stack["w3"], num_global_experts, deterministic=deterministic
+        )
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         n, k = expert_ids.shape
@@ -79,11 +92,20 @@ class ExpertBank(torch.nn.Module):
             if count:
                 out[start : start + count] = self._expert(e, xs[start : start + count])
                 start += count
+        weighted = out * gates.reshape(-1)[order, None].to(out.dtype)  # [m, D]
+        if self.deterministic:
+            return _sum_slots(weighted, order, n, k)
         y = torch.zeros_like(x)
-        y.index_add_(0, rows, out * gates.reshape(-1)[order, None].to(out.dtype))
+        y.index_add_(0, rows, weighted)
         return y
 
     def _expert(self, e: int, xs: torch.Tensor) -> torch.Tensor:
+        if self.deterministic:
+            (y,) = by_row_tiles(lambda t: (self._swiglu(e, t),), xs)
+            return y
+        return self._swiglu(e, xs)
+
+    def _swiglu(self, e: int, xs: torch.Tensor) -> torch.Tensor:
         gate_up = linear(xs, self.w13[e])  # [m, 2F]
         g, u = gate_up.chunk(2, dim=-1)
         return linear(F.silu(g) * u, self.w2[e])  # [m, D]
@@ -104,10 +126,14 @@ class LocalExperts:
         tensors: Mapping[str, torch.Tensor],
         experts: Mapping[int, Iterable[int]],
         num_global_experts: int,
+        *,
+        deterministic: bool = False,
     ) -> LocalExperts:
         return cls(
             {
-                layer: ExpertBank.from_weights(tensors, layer, ids, num_global_experts)
+                layer: ExpertBank.from_weights(
+                    tensors, layer, ids, num_global_experts, deterministic=deterministic
+                )
                 for layer, ids in experts.items()
             }
         )
@@ -119,6 +145,19 @@ class LocalExperts:
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor
     ) -> torch.Tensor:
         return self.serve(ExpertRequest(layer, x, ids, gates))
+
+
+def _sum_slots(weighted: torch.Tensor, order: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """y [n, D]: each row's weighted slot outputs added in slot order (index_add_'s order follows the
+    sort, and on CUDA its atomics; here a token's sum is the same whatever else the batch holds).
+    weighted [m, D] for the flat slots `order` [m] (slot = row * k + j); other slots add zero."""
+    per_slot = weighted.new_zeros(n * k, weighted.shape[-1])
+    per_slot[order] = weighted
+    per_slot = per_slot.view(n, k, weighted.shape[-1])  # [n, k, D]
+    y = per_slot[:, 0].clone()
+    for j in range(1, k):
+        y += per_slot[:, j]
+    return y
 
 
 def reference_moe(

@@ -16,6 +16,7 @@ import torch
 
 from moray.model.config import MixtralConfig
 from moray.model.experts import LocalExperts
+from moray.model.invariant import invariant_attention, tiled_linear, tiled_rms_norm, tiled_route
 from moray.model.kv_cache import KVCache
 from moray.model.layers import (
     StepBatch,
@@ -50,9 +51,19 @@ PACKED = ("wqkv", "wo", "lm_head")  # weights used only through `linear` (the em
 
 
 class Mixtral(torch.nn.Module):
-    def __init__(self, cfg: MixtralConfig, weights: Mapping[str, torch.Tensor]) -> None:
+    """`deterministic`: batch-invariant numerics (invariant.py): a token's results do not depend on
+    the other tokens of its step, nor on how its prompt was chunked; slower. Default: the fastest
+    kernels, whose last bits follow the step's shapes."""
+
+    def __init__(
+        self, cfg: MixtralConfig, weights: Mapping[str, torch.Tensor], *, deterministic: bool = False
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.deterministic = cfg, deterministic
+        self._linear = tiled_linear if deterministic else linear
+        self._norm = tiled_rms_norm if deterministic else rms_norm
+        self._attend = invariant_attention if deterministic else paged_attention
+        self._route = tiled_route if deterministic else route
         expert_names = [n for n in weights if ".experts." in n]
         if expert_names:
             raise ValueError(f"the attention side must hold no expert weight, got {expert_names[:3]}")
@@ -89,23 +100,23 @@ class Mixtral(torch.nn.Module):
 
     def attention(self, layer: int, h: torch.Tensor, batch: StepBatch, kv: KVCache) -> Routed:
         cfg, p = self.cfg, f"layers.{layer}."
-        x = rms_norm(h, self.w(p + "attn_norm"), cfg.norm_eps)
-        q, k, v = linear(x, self.w(p + "wqkv")).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
+        x = self._norm(h, self.w(p + "attn_norm"), cfg.norm_eps)
+        q, k, v = self._linear(x, self.w(p + "wqkv")).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
         q = q.reshape(-1, cfg.n_heads, cfg.head_dim)  # [T, H, d]
         k = k.reshape(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
         v = v.reshape(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
         cos, sin = self.cos[batch.positions], self.sin[batch.positions]  # [T, d]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv.write(layer, batch.slot_mapping, k, v)
-        attn = paged_attention(q, kv.k[layer], kv.v[layer], batch)  # [T, H, d]
-        h = h + linear(attn.flatten(1), self.w(p + "wo"))
-        x = rms_norm(h, self.w(p + "ffn_norm"), cfg.norm_eps)
-        ids, gates = route(x, self.w(p + "gate"), cfg.top_k)
+        attn = self._attend(q, kv.k[layer], kv.v[layer], batch)  # [T, H, d]
+        h = h + self._linear(attn.flatten(1), self.w(p + "wo"))
+        x = self._norm(h, self.w(p + "ffn_norm"), cfg.norm_eps)
+        ids, gates = self._route(x, self.w(p + "gate"), cfg.top_k)
         return Routed(h, x, ids, gates)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.w("embed") if self.cfg.tie_embeddings else self.w("lm_head")
-        return linear(rms_norm(h, self.w("norm"), self.cfg.norm_eps), head).float()  # [N, V]
+        return self._linear(self._norm(h, self.w("norm"), self.cfg.norm_eps), head).float()  # [N, V]
 
     async def forward_step(self, batch: StepBatch, kv: KVCache, experts: ExpertBackend) -> torch.Tensor:
         """One engine step through every layer: next-token logits [N, V] at `batch.logits_index`."""
@@ -123,11 +134,18 @@ class Mixtral(torch.nn.Module):
 
 
 def load_local(
-    model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    model_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    deterministic: bool = False,
 ) -> tuple[Mixtral, LocalExperts]:
     """The whole model in this process: attention side plus every expert (the parity oracle)."""
     cfg = MixtralConfig.load(model_dir)
     attn = load_attention(model_dir, dtype=dtype, device=device)
     everything = {layer: list(range(cfg.n_experts)) for layer in range(cfg.n_layers)}
     experts = load_experts(model_dir, everything, dtype=dtype, device=device)
-    return Mixtral(cfg, attn.tensors), LocalExperts.from_weights(experts.tensors, everything, cfg.n_experts)
+    model = Mixtral(cfg, attn.tensors, deterministic=deterministic)
+    return model, LocalExperts.from_weights(
+        experts.tensors, everything, cfg.n_experts, deterministic=deterministic
+    )

@@ -22,7 +22,7 @@ Shapes: B rows (sequences that sample this step), V vocabulary entries, N top lo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -241,3 +241,14 @@ def sample(logits: torch.Tensor, tensors: SamplingTensors, num_logprobs: int = 0
     chosen = (logits.gather(-1, token_ids[:, None]) - lse).squeeze(-1)  # [B]
     top, top_ids = logits.topk(min(num_logprobs, logits.shape[-1]), dim=-1)  # [B, N]
     return SampleOutput(token_ids, chosen, top_ids, top - lse)
+
+
+def sample_rows(logits: torch.Tensor, tensors: SamplingTensors, num_logprobs: int = 0) -> SampleOutput:
+    """`sample`, one row at a time: every row's token and logprobs are exactly what it would get alone
+    (the batched reductions over V split differently with the row count). For deterministic mode."""
+    names = [f.name for f in fields(SamplingTensors)]
+    rows = [SamplingTensors(*(getattr(tensors, n)[i : i + 1] for n in names)) for i in range(len(tensors))]
+    outs = [sample(logits[i : i + 1], row, num_logprobs) for i, row in enumerate(rows)]
+    if not outs:
+        return sample(logits, tensors, num_logprobs)
+    return SampleOutput(*(torch.cat([getattr(o, f.name) for o in outs]) for f in fields(SampleOutput)))

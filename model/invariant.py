@@ -1,0 +1,113 @@
+"""Batch-invariant numerics: a row's results do not depend on what else is in the step.
+
+The fast kernels choose their blocking, their split of a reduction over threads and even their
+algorithm from the shapes they are given (oneDNN's GEMM splits K differently for 1 and 16 rows at
+K = 3584; ATen splits a row reduction over threads once a tensor holds 32k elements; SDPA's blocks
+follow the lengths), so a token's logits move in the last bits with the step's row count and with
+how its prompt was chunked. Here every operation that reduces runs on tiles of a fixed shape:
+`ROW_TILE` rows per call (the last tile padded with zeros), so every call of an operation is the
+same call, and a row's result is the same in any position of a tile (checked by the tests, which
+compare a prompt prefilled in chunks of 1, 7 and all, alone and among other requests). Attention
+goes over the keys in fixed blocks of `KEY_BLOCK` positions, always from position 0, with an
+online softmax folded block by block in that order: a query sees the same sums in prefill and in
+decode (after Thinking Machines, "Defeating Nondeterminism in LLM Inference", 2025, and vLLM's
+batch-invariant mode).
+
+Shape letters as in layers.py; R rows of a tile, G query heads per KV head, S key positions of a block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moray.model.layers import StepBatch, linear, rms_norm
+
+ROW_TILE = 16  # rows per call: the row count oneDNN's packed weights are laid out for (PACK_BATCH)
+KEY_BLOCK = 64  # key positions per attention block
+
+
+def by_row_tiles(
+    fn: Callable[..., tuple[torch.Tensor, ...]], *xs: torch.Tensor, tile: int = ROW_TILE
+) -> tuple[torch.Tensor, ...]:
+    """`fn` applied to xs (all [T, ...]) in calls of exactly `tile` rows; outputs [T, ...] each."""
+    rows = xs[0].shape[0]
+    padded = max(-(-rows // tile), 1) * tile
+    xs = tuple(_pad_rows(x, padded) for x in xs)
+    outs = [fn(*(x[i : i + tile] for x in xs)) for i in range(0, padded, tile)]
+    return tuple(torch.cat(parts)[:rows] for parts in zip(*outs, strict=True))
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
+
+
+def tiled_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`linear(x, w)` computed `ROW_TILE` rows at a time: x [..., K] -> [..., N]."""
+    flat = x.reshape(-1, x.shape[-1])
+    (y,) = by_row_tiles(lambda t: (linear(t, w),), flat)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def tiled_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm` computed `ROW_TILE` rows at a time: x [T, D]."""
+    (y,) = by_row_tiles(lambda t: (rms_norm(t, weight, eps),), x)
+    return y
+
+
+def tiled_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's router (layers.route) `ROW_TILE` rows at a time: ids [T, A], gates [T, A]."""
+
+    def one(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top_scores, ids = torch.topk(F.linear(t, gate_weight).float(), top_k, dim=-1)  # [R, A]
+        return ids, torch.softmax(top_scores, dim=-1).to(t.dtype)
+
+    ids, gates = by_row_tiles(one, x)
+    return ids, gates
+
+
+def invariant_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch
+) -> torch.Tensor:
+    """Causal attention (as layers.paged_attention) whose result for a query depends only on the query
+    and its sequence's cached keys/values: q [T, H, d] -> [T, H, d]."""
+    tables = batch.block_tables[batch.seq_index]  # [T, nb]: each token's own block table
+
+    def one(q: torch.Tensor, pos: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor]:
+        return (_attend_tile(q, pos, tables, k_cache, v_cache),)
+
+    (out,) = by_row_tiles(one, q, batch.positions, tables)
+    return out
+
+
+def _attend_tile(
+    q: torch.Tensor, pos: torch.Tensor, tables: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> torch.Tensor:
+    """One tile: q [R, H, d], pos [R], tables [R, nb]; keys of blocks past a row's position add
+    exact zeros (p = 0, rescale by 1), so a longer neighbour in the tile changes nothing."""
+    R, H, d = q.shape
+    kv_heads, bs = k_cache.shape[2], k_cache.shape[1]
+    qg = (q.float() * d**-0.5).view(R, kv_heads, H // kv_heads, d)  # [R, K, G, d]
+    m = qg.new_full(qg.shape[:3], float("-inf"))  # [R, K, G] running max
+    den = qg.new_zeros(qg.shape[:3])  # [R, K, G] running sum of exp
+    acc = torch.zeros_like(qg)  # [R, K, G, d]
+    for start in range(0, int(pos.max()) + 1, KEY_BLOCK):
+        key_pos = torch.arange(start, start + KEY_BLOCK, device=q.device)  # [S]
+        block_col = (key_pos // bs).clamp(max=tables.shape[1] - 1)
+        slots = tables[:, block_col] * bs + key_pos % bs  # [R, S]
+        k = k_cache.flatten(0, 1)[slots].float()  # [R, S, K, d]
+        v = v_cache.flatten(0, 1)[slots].float()  # [R, S, K, d]
+        scores = qg @ k.permute(0, 2, 3, 1)  # [R, K, G, S]
+        future = (key_pos[None, :] > pos[:, None])[:, None, None]  # [R, 1, 1, S]
+        scores = scores.masked_fill(future, float("-inf"))
+        m_new = torch.maximum(m, scores.amax(dim=-1))  # [R, K, G]
+        scale = (m - m_new).exp()  # [R, K, G]: 0 on the first block, 1 where the block is all future
+        p = (scores - m_new[..., None]).exp()  # [R, K, G, S]
+        den = den * scale + p.sum(dim=-1)
+        acc = acc * scale[..., None] + p @ v.transpose(1, 2)  # [R, K, G, d]
+        m = m_new
+    return (acc / den[..., None]).reshape(R, H, d).to(q.dtype)
