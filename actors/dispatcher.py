@@ -1,7 +1,9 @@
 """The dispatcher: embeddings, attention, norms, routers, the KV cache and the engine loop.
 
-It loads only the `attention` role and reaches the experts through `ShardedExperts`. A plain
-class: `actors/runtime.py` runs it as a Ray actor, `deploy/app.py` as a Serve deployment.
+It loads only the `attention` role and reaches the experts through `ShardedExperts`, over the data
+plane (`transport="auto"`: shared memory on the node, TCP across; `"socket"`: TCP always) or over Ray
+calls (`"ray"`). A plain class: `actors/runtime.py` runs it as a Ray actor, `deploy/serve/deployments.py`
+as a Serve deployment.
 `DispatcherWatch` is for its callers: it fails their calls fast while the dispatcher is dead.
 """
 
@@ -16,10 +18,13 @@ from typing import Any
 
 import torch
 
+from moray.actors.channel import ChannelSpec
+from moray.actors.dataplane import DataPlane, Transport
+from moray.actors.directory import Directory
 from moray.actors.experts import resolve_dtype
 from moray.actors.logs import setup_actor_logging
 from moray.actors.placement import Placement
-from moray.actors.transport import ShardedExperts
+from moray.actors.transport import HandleLinks, Links, ShardedExperts
 from moray.model.config import MixtralConfig
 from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, TokenEvent
 from moray.model.mixtral import Mixtral
@@ -32,7 +37,8 @@ log = logging.getLogger(__name__)
 class Dispatcher:
     def __init__(self, model_dir: str, placement: Placement, shards: Sequence[Any],
                  engine_config: EngineConfig, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
-                 num_threads: int = 1, shard_timeout_s: float = 60.0) -> None:
+                 num_threads: int = 1, shard_timeout_s: float = 60.0, transport: Transport = "auto",
+                 group: str | None = None) -> None:
         setup_actor_logging()
         torch.set_num_threads(num_threads)
         cfg = MixtralConfig.load(model_dir)
@@ -40,10 +46,21 @@ class Dispatcher:
         weights = load_attention(model_dir, dtype=resolve_dtype(dtype), device=device)
         self.model = Mixtral(cfg, weights.tensors)
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
-        self.experts = ShardedExperts(placement, shards, shard_timeout_s)
+        links = self._links(cfg, placement, shards, engine_config, resolve_dtype(dtype), transport, group)
+        self.experts = ShardedExperts(placement, links, shard_timeout_s)
         self.engine = AsyncEngine(self.model, self.experts, self.tokenizer, engine_config)
         log.info("dispatcher ready: %d layers, %d shards, %.1f MB attention weights", cfg.n_layers,
                  placement.num_shards, self.model.param_bytes() / 1e6)
+
+    def _links(self, cfg: MixtralConfig, placement: Placement, shards: Sequence[Any], engine: EngineConfig,
+               dtype: torch.dtype, transport: Transport, group: str | None) -> Links:
+        if transport == "ray":
+            return HandleLinks(shards)
+        if not group:
+            raise ValueError(f"transport {transport!r} needs the shards' data-plane group")
+        spec = ChannelSpec(max_rows=engine.max_batch_tokens, dim=cfg.dim, dtype=dtype, max_slots=cfg.top_k)
+        return DataPlane(Directory(group), spec, placement.num_shards, node=self.node_id(),
+                         transport=transport)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         async for event in self.engine.generate(request):

@@ -2,12 +2,15 @@
 
 Used by `moray generate --num-shards N`, `moray bench --num-shards N` and the actor tests. Shards
 request one GPU each when CUDA is there, else a fraction of a CPU; a placement group packs them
-(`PACK`, default) or spreads them over nodes (`STRICT_SPREAD` / `SPREAD`).
+(`PACK`, default) or spreads them over nodes (`STRICT_SPREAD` / `SPREAD`). The dispatcher reaches
+them over the data plane (`transport` "auto" or "socket", in a group of its own) or by Ray calls
+("ray").
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +18,8 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from moray.actors.dataplane import Transport
+from moray.actors.directory import Directory
 from moray.actors.dispatcher import Dispatcher
 from moray.actors.experts import ExpertShard
 from moray.actors.placement import Placement
@@ -34,6 +39,7 @@ class RuntimeOptions:
     shard_resources: dict[str, float] = field(default_factory=dict)  # extra custom resources per shard
     dispatcher_resources: dict[str, float] = field(default_factory=dict)
     threads: int = 1
+    transport: Transport = "auto"  # auto: shared memory on a node, TCP across; socket: TCP; ray: actor calls
 
 
 @dataclass
@@ -42,6 +48,7 @@ class Runtime:
     shards: list[Any]  # Ray actor handles of ExpertShard
     placement: Placement
     group: PlacementGroup
+    dataplane: str | None = None  # the data-plane group of the shards' endpoints (None: transport "ray")
 
     def generate(self, request: GenerateRequest) -> list[TokenEvent]:
         events: list[TokenEvent] = ray.get(self.dispatcher.complete.remote(request))
@@ -55,6 +62,8 @@ class Runtime:
         for actor in [self.dispatcher, *self.shards]:
             ray.kill(actor)
         remove_placement_group(self.group)
+        if self.dataplane:
+            Directory(self.dataplane).clear()
 
 
 def _bundle(cpus: float, gpu: bool, extra: dict[str, float]) -> dict[str, float]:
@@ -77,19 +86,21 @@ def start_runtime(model_dir: str, num_shards: int, engine_config: EngineConfig,
     def in_bundle(i: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i)
 
+    dataplane = None if opts.transport == "ray" else f"runtime-{uuid.uuid4().hex[:12]}"
     shard_cls = ray.remote(ExpertShard)
     shards = [
         shard_cls.options(num_cpus=opts.shard_cpus, num_gpus=1 if gpu else 0, resources=opts.shard_resources,
                           scheduling_strategy=in_bundle(s + 1), max_restarts=-1, max_task_retries=0)
         .remote(model_dir, s, placement.shard_experts(s), dtype=opts.dtype, device=opts.device,
-                num_threads=opts.threads)
+                num_threads=opts.threads, group=dataplane)
         for s in range(placement.num_shards)
     ]
     dispatcher = ray.remote(Dispatcher).options(
         num_cpus=opts.dispatcher_cpus, num_gpus=1 if gpu else 0, resources=opts.dispatcher_resources,
         scheduling_strategy=in_bundle(0), max_concurrency=1000,
     ).remote(model_dir, placement, shards, engine_config, dtype=opts.dtype, device=opts.device,
-             num_threads=opts.threads)
+             num_threads=opts.threads, transport=opts.transport, group=dataplane)
     ray.get([s.info.remote() for s in shards] + [dispatcher.stats.remote()])
-    log.info("runtime up: %d expert shards, placement strategy %s", placement.num_shards, opts.strategy)
-    return Runtime(dispatcher, shards, placement, group)
+    log.info("runtime up: %d expert shards, placement strategy %s, transport %s", placement.num_shards,
+             opts.strategy, opts.transport)
+    return Runtime(dispatcher, shards, placement, group, dataplane)

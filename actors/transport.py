@@ -1,16 +1,21 @@
 """How hidden states travel between the dispatcher and the expert shards.
 
 `ShardedExperts` is the dispatcher's `ExpertBackend`: per layer it routes each token's top-2
-experts to the shards that own them (`Placement.route`), sends every involved shard ONE call with
-just its rows (each token once per shard, in the model dtype), awaits them all concurrently and
-adds the partial outputs back (`index_add_`). A shard handle is anything whose
-`.serve.remote(layer, x, ids, gates)` is awaitable: a Ray actor handle (object-store transport,
-works on CPU and across nodes) or a Serve `DeploymentHandle`.
+experts to the shards that own them (`Placement.route`), sends every involved shard its rows (each
+token once per shard, in the model dtype) split over the shard's live replicas, awaits them all
+concurrently and adds the partial outputs back (`index_add_`). Where the rows travel is a table of
+links per shard:
 
-A call that fails because its shard died is retried (Serve or Ray restarts the replica, or another
-replica answers) until `shard_timeout_s` passes; then `ShardUnavailableError` (HTTP 503). Every
-attempt is bounded by that deadline too: a Serve handle call made while a shard has no live replica
-waits in Serve's router for the replacement, which might never come.
+- `DataPlane` (`actors/dataplane.py`, transport "auto" or "socket", the default): a channel per
+  shard replica, shared memory on the same node and TCP across nodes; Ray is only the control
+  plane (endpoints announced in the GCS, replicas started and stopped by Ray or Serve).
+- `HandleLinks` (transport "ray"): one Ray actor or Serve `DeploymentHandle` call per shard per
+  layer (`.serve.remote(layer, x, ids, gates, tags)`), as before the data plane; kept so the two can
+  be measured side by side.
+
+A call that fails because its replica died is retried on another live replica (or, through Serve,
+its replacement) until `shard_timeout_s` passes; then `ShardUnavailableError` (HTTP 503). Every
+attempt is bounded by that deadline too.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -32,6 +37,24 @@ log = logging.getLogger(__name__)
 
 class ShardUnavailableError(RuntimeError):
     """No live replica of an expert shard answered within the timeout."""
+
+
+class Link(Protocol):
+    async def call(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor) -> None:
+        """Send x [n, D] with its expert ids [n, k] and gates [n, k]; add y [n, D] into out[rows]."""
+
+
+class Links(Protocol):
+    """A shard's ways to its replicas: the data plane's channels, or Ray/Serve handles."""
+
+    max_rows: int
+
+    def links(self, shard: int) -> Sequence[Link]: ...
+    async def pick(self, shard: int, deadline: float, attempt: int) -> Link | None: ...
+    def retryable(self, error: BaseException) -> bool: ...
+    def between_steps(self) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
 
 
 SERVE_RETRYABLE = ("BackPressureError", "DeploymentUnavailableError", "ReplicaUnavailableError")
@@ -54,73 +77,120 @@ def _retryable(e: BaseException) -> bool:
     return isinstance(e, retry)
 
 
-async def _bounded(response: Any, deadline: float) -> Any:
-    """Await a handle call until `deadline` (perf_counter); past it, cancel it and raise TimeoutError."""
-    try:
-        return await asyncio.wait_for(response, max(deadline - time.perf_counter(), 1e-3))
-    except asyncio.TimeoutError:
-        if hasattr(response, "cancel"):  # a Serve DeploymentResponse (a Ray ObjectRef has none)
-            response.cancel()
-        raise
+class HandleLink:
+    """One Ray actor or Serve deployment handle: a remote call per layer."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def call(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor) -> None:
+        response = self.handle.serve.remote(layer, x, expert_ids, gates, tuple(tags))
+        try:
+            y = await response
+        except asyncio.CancelledError:
+            if hasattr(response, "cancel"):  # a Serve DeploymentResponse (a Ray ObjectRef has none)
+                response.cancel()
+            raise
+        out.index_add_(0, rows, y.to(out.device))
+
+
+class HandleLinks:
+    """Transport "ray": each shard's handle, called once per live replica (Serve routes the calls)."""
+
+    max_rows = 1 << 30
+
+    def __init__(self, handles: Sequence[Any]) -> None:
+        self.handles = [HandleLink(h) for h in handles]
+        self.replicas = [1] * len(handles)  # live replicas per shard (the served dispatcher updates it)
+
+    def links(self, shard: int) -> list[HandleLink]:
+        return [self.handles[shard]] * self.replicas[shard]
+
+    async def pick(self, shard: int, deadline: float, attempt: int) -> HandleLink | None:
+        if attempt:  # Serve or Ray is restarting the replica: back off, up to 2 s
+            delay = min(0.1 * 2 ** (attempt - 1), 2.0)
+            if time.perf_counter() + delay > deadline:
+                return None
+            await asyncio.sleep(delay)
+        return self.handles[shard]
+
+    def retryable(self, error: BaseException) -> bool:
+        return _retryable(error)
+
+    def between_steps(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {}
 
 
 class ShardedExperts:
-    def __init__(self, placement: Placement, shards: Sequence[Any], shard_timeout_s: float = 60.0) -> None:
-        if len(shards) != placement.num_shards:
-            raise ValueError(f"placement has {placement.num_shards} shards, got {len(shards)} handles")
-        self.placement, self.shards, self.shard_timeout_s = placement, list(shards), shard_timeout_s
-        self.replicas = [1] * len(shards)  # live replicas per shard: a shard's rows are split over them
+    def __init__(self, placement: Placement, links: Links, shard_timeout_s: float = 60.0) -> None:
+        self.placement, self.links, self.shard_timeout_s = placement, links, shard_timeout_s
+        self.num_shards = placement.num_shards
         self.min_split_rows = 4
-        self.calls = [0] * len(shards)
-        self.call_s = [0.0] * len(shards)
+        self.calls = [0] * self.num_shards
+        self.call_s = [0.0] * self.num_shards
         self.retries = 0
+        self.in_flight = 0
 
     async def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
                        gates: torch.Tensor) -> torch.Tensor:
+        if layer == 0 and self.in_flight == 0:
+            self.links.between_steps()  # the table of replicas changes only between steps
         shard_of = self.placement.route(layer, ids)  # [T, A]
-        parts = split_by_shard(ids, gates, shard_of, len(self.shards))
-        calls = [(s, chunk) for s, (rows, _, _) in enumerate(parts) if len(rows)
-                 for chunk in self._split(s, len(rows))]
+        parts = split_by_shard(ids, gates, shard_of, self.num_shards)
         tags = STEP_REQUESTS.get() if layer == 0 else ()  # request ids reach the shards' logs once a step
-        outs = await asyncio.gather(
-            *(self._call(s, layer, x[parts[s][0][c]], parts[s][1][c], parts[s][2][c], tags) for s, c in calls)
-        )
         y = torch.zeros_like(x)
-        for (s, c), part in zip(calls, outs, strict=True):
-            y.index_add_(0, parts[s][0][c], part.to(y.device))
+        calls = []
+        for s, (rows, sids, sgates) in enumerate(parts):
+            links = self.links.links(s)
+            for i, c in enumerate(self._split(len(rows), len(links))):
+                link = links[i % len(links)] if links else None
+                calls.append(self._call(s, link, layer, x[rows[c]], sids[c], sgates[c], tags, y, rows[c]))
+        self.in_flight += 1
+        try:
+            await asyncio.gather(*calls)
+        finally:
+            self.in_flight -= 1
         return y
 
-    def _split(self, shard: int, n: int) -> list[slice]:
-        """A shard's rows in one chunk per live replica (Serve routes concurrent calls apart)."""
-        k = max(1, min(self.replicas[shard], n // self.min_split_rows))
+    def _split(self, n: int, links: int) -> list[slice]:
+        """A shard's n rows in chunks: one per live replica, none larger than a frame."""
+        if n == 0:
+            return []
+        k = max(1, min(links, n // self.min_split_rows), -(-n // self.links.max_rows))
         sizes = split_among_replicas(n, [0.0] * k)
         bounds = [sum(sizes[:i]) for i in range(k + 1)]
         return [slice(bounds[i], bounds[i + 1]) for i in range(k)]
 
-    async def _call(self, shard: int, layer: int, x: torch.Tensor, ids: torch.Tensor,
-                    gates: torch.Tensor, tags: tuple[str, ...] = ()) -> torch.Tensor:
+    async def _call(self, shard: int, link: Link | None, layer: int, x: torch.Tensor, ids: torch.Tensor,
+                    gates: torch.Tensor, tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor) -> None:
         start = time.perf_counter()
-        deadline, delay = start + self.shard_timeout_s, 0.1
+        deadline, attempt = start + self.shard_timeout_s, 0
         while True:
+            if link is None or attempt:
+                link = await self.links.pick(shard, deadline, attempt)
+            if link is None:
+                raise ShardUnavailableError(
+                    f"expert shard {shard} has no live replica after {self.shard_timeout_s:g} s")
             try:
-                y = await _bounded(self.shards[shard].serve.remote(layer, x, ids, gates, tags), deadline)
+                left = max(deadline - time.perf_counter(), 1e-3)
+                await asyncio.wait_for(link.call(layer, x, ids, gates, tags, out, rows), left)
                 break
+            except asyncio.TimeoutError as e:
+                raise ShardUnavailableError(
+                    f"expert shard {shard} did not answer within {self.shard_timeout_s:g} s") from e
             except Exception as e:
-                if not _retryable(e) and not isinstance(e, asyncio.TimeoutError):
+                if not self.links.retryable(e):
                     raise
-                if isinstance(e, asyncio.TimeoutError) or time.perf_counter() + delay > deadline:
-                    raise ShardUnavailableError(
-                        f"expert shard {shard} has no live replica after {self.shard_timeout_s:g} s"
-                    ) from e
+                attempt += 1
                 self.retries += 1
-                log.warning("expert shard %d call failed (%s); retrying in %.1f s", shard, type(e).__name__,
-                            delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                log.warning("expert shard %d call failed (%s: %s); retrying", shard, type(e).__name__, e)
         self.calls[shard] += 1
         self.call_s[shard] += time.perf_counter() - start
-        return y
 
     def stats(self) -> dict[str, Any]:
         return {"shard_calls": list(self.calls), "shard_call_s": list(self.call_s),
-                "shard_retries": self.retries}
+                "shard_retries": self.retries, **self.links.stats()}

@@ -1,0 +1,374 @@
+"""The dispatcher's end of the data plane: one channel per (dispatcher, shard replica) pair.
+
+`open_channel` connects to a shard replica's `ShardEndpoint` (blocking; run it off the event loop)
+and returns a `Channel` whose `call(...)` sends one layer's rows and adds the answer into the
+caller's output, on the engine's event loop:
+- `SharedChannel` (same node): the request is copied into a pre-allocated shared `memfd` region and
+  an eventfd is signalled; the reply eventfd is polled for `spin_s`, then awaited through the event
+  loop (`add_reader`). No syscall beyond the two eventfd operations, no pickling, no allocation of
+  buffers per call.
+- `SocketChannel` (other nodes, or `transport="socket"`): the same frame on a TCP stream, read into
+  a pre-allocated buffer by the event loop's reader callback.
+
+A channel notices its peer's death at once (the Unix/TCP socket closes; TCP keepalive for a
+vanished node) and fails the call in flight with `PeerGoneError`, which the caller retries on
+another replica. A DRAIN from the shard marks the channel `draining`: the caller stops using it
+and closes it between steps. The channel interface is what a NCCL point-to-point channel would
+implement for GPUs (`docs/design.md`, "The data plane").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moray.actors.endpoint import TOKEN_BYTES, recv_exact, set_keepalive
+from moray.actors.frames import (
+    HEADER_BYTES,
+    MAX_TAG_BYTES,
+    FrameBuffer,
+    FrameError,
+    Header,
+    Kind,
+    RemoteError,
+    capacity,
+    dtype_code,
+)
+
+log = logging.getLogger(__name__)
+
+SPIN_S = 20e-6  # poll the reply this long before yielding to the event loop
+CONNECT_TIMEOUT_S = 5.0
+
+
+class PeerGoneError(ConnectionError):
+    """The shard replica at the other end died, closed the channel, or stopped answering."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one shard replica takes channels, as it announced itself (`ShardEndpoint.address()`)."""
+
+    shard: int
+    replica: str
+    node: str | None
+    unix: str
+    host: str
+    port: int
+    token: str
+    pid: int
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> Endpoint:
+        return cls(int(d["shard"]), str(d["replica"]), d.get("node") and str(d["node"]),  # type: ignore
+                   str(d["unix"]), str(d["host"]), int(d["port"]), str(d["token"]), int(d["pid"]))  # type: ignore
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """What the dispatcher sends on every channel: the largest frame and the hidden states' shape."""
+
+    max_rows: int
+    dim: int
+    dtype: torch.dtype
+    max_slots: int = 2
+
+    def hello(self, token: str) -> bytearray:
+        buf = bytearray(HEADER_BYTES + TOKEN_BYTES)
+        Header(Kind.HELLO, 0, -1, self.max_rows, self.max_slots, self.dim, dtype_code(self.dtype), 0, 0,
+               TOKEN_BYTES).pack_into(memoryview(buf))
+        buf[HEADER_BYTES:] = bytes.fromhex(token)[:TOKEN_BYTES].ljust(TOKEN_BYTES, b"\0")
+        return buf
+
+    @property
+    def capacity(self) -> int:
+        return capacity(self.max_rows, self.dim, self.dtype, self.max_slots)
+
+
+def _await_welcome(sock: socket.socket, endpoint: Endpoint) -> None:
+    buf = bytearray(HEADER_BYTES + 4096)
+    if not recv_exact(sock, memoryview(buf)[:HEADER_BYTES]):
+        raise PeerGoneError(f"shard {endpoint.shard} replica {endpoint.replica} closed during the handshake")
+    h = Header.unpack(memoryview(buf))
+    if h.kind == Kind.ERROR:
+        recv_exact(sock, memoryview(buf)[HEADER_BYTES:HEADER_BYTES + min(h.payload, 4096)])
+        why = FrameBuffer(memoryview(buf)).message(h)
+        raise RemoteError(f"shard {endpoint.shard} refused the channel: {why}")
+    if h.kind != Kind.WELCOME:
+        raise FrameError(f"expected WELCOME, got {Kind(h.kind).name}")
+
+
+def open_channel(endpoint: Endpoint, spec: ChannelSpec, shared: bool) -> Channel:
+    """Connect to `endpoint`: shared memory when `shared` (same node), else TCP. Blocking."""
+    if shared:
+        return SharedChannel.connect(endpoint, spec)
+    return SocketChannel.connect(endpoint, spec)
+
+
+class Channel:
+    """One channel: `call` is awaited on one event loop; calls on it run one at a time."""
+
+    def __init__(self, endpoint: Endpoint, spec: ChannelSpec, sock: socket.socket) -> None:
+        self.endpoint, self.spec, self.sock = endpoint, spec, sock
+        self.seq = 0
+        self.dead: str | None = None  # why it cannot be used any more
+        self.draining = False
+        self.in_flight = 0
+        self.calls, self.busy_s = 0, 0.0
+        self._lock: asyncio.Lock | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.dead is None and not self.draining
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start watching the socket on `loop` (the loop `call` will be awaited on)."""
+        self._loop, self._lock = loop, asyncio.Lock()
+        self.sock.setblocking(False)
+        loop.add_reader(self.sock.fileno(), self._readable)
+
+    async def call(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor) -> None:
+        """Send x [n, D] with its expert ids and gates; add the answer into `out` at `rows`. `tags` (the
+        step's request ids, sent with layer 0) are for the shard's logs."""
+        assert self._lock is not None, "attach() the channel to the event loop first"
+        self.in_flight += 1
+        try:
+            async with self._lock:
+                if self.dead:
+                    raise PeerGoneError(self.dead)
+                start = time.perf_counter()
+                data = "\n".join(tags).encode()[:MAX_TAG_BYTES] if tags else b""
+                await self._exchange(layer, x, expert_ids, gates, data, out, rows)
+                self.calls += 1
+                self.busy_s += time.perf_counter() - start
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            self.fail("a call was abandoned (timeout or cancel): the channel is out of step")
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def _exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+                        tags: bytes, out: torch.Tensor, rows: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def fail(self, why: str) -> None:
+        """Mark the channel dead (its peer is gone or out of step) and wake a waiting call."""
+        if self.dead is None:
+            self.dead = why
+            log.warning("data-plane channel to shard %d replica %s: %s", self.endpoint.shard,
+                        self.endpoint.replica, why)
+        self._wake(PeerGoneError(f"shard {self.endpoint.shard} replica {self.endpoint.replica}: {why}"))
+
+    def _wake(self, error: BaseException | None = None) -> None:
+        w, self._waiter = self._waiter, None
+        if w is not None and not w.done():
+            w.set_exception(error) if error else w.set_result(None)
+
+    def _readable(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.dead = self.dead or "closed"
+        self._wake(PeerGoneError(f"shard {self.endpoint.shard} replica {self.endpoint.replica}: closed"))
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self.sock.fileno())
+            except (ValueError, OSError):
+                pass
+        self.sock.close()
+
+
+class SharedChannel(Channel):
+    def __init__(self, endpoint: Endpoint, spec: ChannelSpec, sock: socket.socket, mm: mmap.mmap,
+                 req_fd: int, rep_fd: int) -> None:
+        super().__init__(endpoint, spec, sock)
+        self.mm, self.req_fd, self.rep_fd = mm, req_fd, rep_fd
+        cap = spec.capacity
+        self.req = FrameBuffer(memoryview(mm)[:cap])
+        self.rep = FrameBuffer(memoryview(mm)[cap:])
+        self._control = bytearray(HEADER_BYTES)
+
+    @classmethod
+    def connect(cls, endpoint: Endpoint, spec: ChannelSpec) -> SharedChannel:
+        memfd = os.memfd_create(f"moray-channel-{endpoint.shard}", os.MFD_CLOEXEC)
+        req_fd, rep_fd = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.ftruncate(memfd, 2 * spec.capacity)
+            mm = mmap.mmap(memfd, 2 * spec.capacity)
+            sock.settimeout(CONNECT_TIMEOUT_S)
+            sock.connect("\0" + endpoint.unix)
+            socket.send_fds(sock, [bytes(spec.hello(endpoint.token))], [memfd, req_fd, rep_fd])
+            _await_welcome(sock, endpoint)
+        except BaseException:
+            sock.close()
+            os.close(req_fd)
+            os.close(rep_fd)
+            raise
+        finally:
+            os.close(memfd)  # the mapping keeps the segment; it goes when both ends unmap
+        return cls(endpoint, spec, sock, mm, req_fd, rep_fd)
+
+    async def _exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+                        tags: bytes, out: torch.Tensor, rows: torch.Tensor) -> None:
+        self.seq += 1
+        self.req.write_request(self.seq, layer, x, expert_ids, gates, tags)
+        os.eventfd_write(self.req_fd, 1)
+        if not self._spin():
+            await self._reply()
+        y = self.rep.read_reply(self.seq, len(x), x.shape[1], x.dtype)
+        out.index_add_(0, rows, y.to(out.device))
+
+    def _spin(self) -> bool:
+        end = time.perf_counter() + SPIN_S
+        while True:
+            try:
+                os.eventfd_read(self.rep_fd)
+                return True
+            except BlockingIOError:
+                if time.perf_counter() > end:
+                    return False
+
+    async def _reply(self) -> None:
+        assert self._loop is not None
+        self._waiter = self._loop.create_future()
+        self._loop.add_reader(self.rep_fd, self._replied)
+        try:
+            await self._waiter
+        finally:
+            self._loop.remove_reader(self.rep_fd)
+
+    def _replied(self) -> None:
+        try:
+            os.eventfd_read(self.rep_fd)
+        except BlockingIOError:
+            return
+        self._wake()
+
+    def _readable(self) -> None:
+        """The Unix socket: a DRAIN, or the peer's end closing (it stopped or died)."""
+        try:
+            n = self.sock.recv_into(self._control)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            n, why = 0, str(e)
+        else:
+            why = "the shard replica closed the channel (stopped or died)"
+        if n == 0:
+            self._unwatch()
+            self.fail(why)
+        elif Header.unpack(memoryview(self._control)).kind == Kind.DRAIN:
+            self.draining = True
+
+    def _unwatch(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+
+    def close(self) -> None:
+        super().close()
+        for fd in (self.req_fd, self.rep_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        del self.req, self.rep
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a view is still referenced somewhere; the mapping goes with it
+
+
+class SocketChannel(Channel):
+    def __init__(self, endpoint: Endpoint, spec: ChannelSpec, sock: socket.socket) -> None:
+        super().__init__(endpoint, spec, sock)
+        self.outbound, self.inbound = bytearray(spec.capacity), bytearray(spec.capacity)
+        self.out, self.inb = FrameBuffer(memoryview(self.outbound)), FrameBuffer(memoryview(self.inbound))
+        self._view = memoryview(self.inbound)
+        self._got, self._want = 0, HEADER_BYTES
+        self._on_frame: Callable[[Header], None] | None = None
+
+    @classmethod
+    def connect(cls, endpoint: Endpoint, spec: ChannelSpec) -> SocketChannel:
+        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=CONNECT_TIMEOUT_S)
+        try:
+            set_keepalive(sock)
+            sock.sendall(spec.hello(endpoint.token))
+            _await_welcome(sock, endpoint)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(endpoint, spec, sock)
+
+    async def _exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+                        tags: bytes, out: torch.Tensor, rows: torch.Tensor) -> None:
+        assert self._loop is not None
+        self.seq += 1
+        n = self.out.write_request(self.seq, layer, x, expert_ids, gates, tags)
+        self._waiter = self._loop.create_future()
+        await self._loop.sock_sendall(self.sock, memoryview(self.outbound)[:n])
+        await self._waiter  # resolved by `_readable` once a whole reply is in `inbound`
+        try:
+            y = self.inb.read_reply(self.seq, len(x), x.shape[1], x.dtype)
+            out.index_add_(0, rows, y.to(out.device))
+        finally:
+            self._got, self._want = 0, HEADER_BYTES
+            self._loop.add_reader(self.sock.fileno(), self._readable)  # paused while the reply was read
+
+    def _readable(self) -> None:
+        """Read what has arrived; a whole REPLY/ERROR frame wakes the call, a DRAIN marks the channel."""
+        while self._got < self._want:
+            try:
+                n = self.sock.recv_into(self._view[self._got:self._want])
+            except BlockingIOError:
+                return
+            except OSError as e:
+                return self._gone(str(e))
+            if n == 0:
+                return self._gone("the shard replica closed the channel (stopped or died)")
+            self._got += n
+            if self._got == HEADER_BYTES and self._want == HEADER_BYTES:
+                if not self._header():
+                    return
+        self._frame_done()
+
+    def _header(self) -> bool:
+        try:
+            h = Header.unpack(self._view)
+        except FrameError as e:
+            self._gone(f"bad frame from the shard: {e}")
+            return False
+        if h.payload > len(self._view) - HEADER_BYTES:
+            self._gone(f"oversized frame from the shard: {h.payload} bytes")
+            return False
+        self._want = HEADER_BYTES + h.payload
+        return True
+
+    def _frame_done(self) -> None:
+        assert self._loop is not None
+        h = Header.unpack(self._view)
+        if h.kind == Kind.DRAIN:
+            self.draining = True
+            self._got, self._want = 0, HEADER_BYTES
+            return
+        self._loop.remove_reader(self.sock.fileno())  # hold the frame until the call has read it
+        if self._waiter is None:
+            self._gone(f"unexpected {Kind(h.kind).name} frame from the shard")
+            return
+        self._wake()
+
+    def _gone(self, why: str) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+        self.fail(why)
