@@ -11,7 +11,11 @@ compare a prompt prefilled in chunks of 1, 7 and all, alone and among other requ
 goes over the keys in fixed blocks of `KEY_BLOCK` positions, always from position 0, with an
 online softmax folded block by block in that order: a query sees the same sums in prefill and in
 decode (after Thinking Machines, "Defeating Nondeterminism in LLM Inference", 2025, and vLLM's
-batch-invariant mode).
+batch-invariant mode). Its per-block operations are batched matmuls of fixed per-entry shape and
+reductions over the `KEY_BLOCK` keys (never split over threads: the rows outnumber them); on CPU
+each entry's result was measured independent of the batch count (1 to 4096), so rows go in
+unpadded chunks of up to `CPU_ATTENTION_ROWS`; elsewhere (cuBLAS picks kernels by batch count)
+in padded tiles of `ROW_TILE`.
 
 Shape letters as in layers.py; R rows of a tile, G query heads per KV head, S key positions of a block.
 """
@@ -27,16 +31,18 @@ from moray.model.layers import StepBatch, linear, rms_norm
 
 ROW_TILE = 16  # rows per call: the row count oneDNN's packed weights are laid out for (PACK_BATCH)
 KEY_BLOCK = 64  # key positions per attention block
+CPU_ATTENTION_ROWS = 64  # queries per attention call on CPU (bounds the gathered keys' memory)
 
 
 def by_row_tiles(
-    fn: Callable[..., tuple[torch.Tensor, ...]], *xs: torch.Tensor, tile: int = ROW_TILE
+    fn: Callable[..., tuple[torch.Tensor, ...]], *xs: torch.Tensor, tile: int = ROW_TILE, pad: bool = True
 ) -> tuple[torch.Tensor, ...]:
-    """`fn` applied to xs (all [T, ...]) in calls of exactly `tile` rows; outputs [T, ...] each."""
+    """`fn` applied to xs (all [T, ...]) in calls of exactly `tile` rows (`pad`: the last tile padded
+    with zero rows; else at most `tile` rows); outputs [T, ...] each."""
     rows = xs[0].shape[0]
-    padded = max(-(-rows // tile), 1) * tile
+    padded = max(-(-rows // tile), 1) * tile if pad else rows
     xs = tuple(_pad_rows(x, padded) for x in xs)
-    outs = [fn(*(x[i : i + tile] for x in xs)) for i in range(0, padded, tile)]
+    outs = [fn(*(x[i : i + tile] for x in xs)) for i in range(0, max(padded, 1), tile)]
     return tuple(torch.cat(parts)[:rows] for parts in zip(*outs, strict=True))
 
 
@@ -80,7 +86,9 @@ def invariant_attention(
     def one(q: torch.Tensor, pos: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor]:
         return (_attend_tile(q, pos, tables, k_cache, v_cache),)
 
-    (out,) = by_row_tiles(one, q, batch.positions, tables)
+    on_cpu = q.device.type == "cpu"
+    tile = CPU_ATTENTION_ROWS if on_cpu else ROW_TILE
+    (out,) = by_row_tiles(one, q, batch.positions, tables, tile=tile, pad=not on_cpu)
     return out
 
 
@@ -89,6 +97,8 @@ def _attend_tile(
 ) -> torch.Tensor:
     """One tile: q [R, H, d], pos [R], tables [R, nb]; keys of blocks past a row's position add
     exact zeros (p = 0, rescale by 1), so a longer neighbour in the tile changes nothing."""
+    if q.shape[0] == 0:
+        return q
     R, H, d = q.shape
     kv_heads, bs = k_cache.shape[2], k_cache.shape[1]
     qg = (q.float() * d**-0.5).view(R, kv_heads, H // kv_heads, d)  # [R, K, G, d]
@@ -101,13 +111,15 @@ def _attend_tile(
         slots = tables[:, block_col] * bs + key_pos % bs  # [R, S]
         k = k_cache.flatten(0, 1)[slots].float()  # [R, S, K, d]
         v = v_cache.flatten(0, 1)[slots].float()  # [R, S, K, d]
-        scores = qg @ k.permute(0, 2, 3, 1)  # [R, K, G, S]
+        # Operands copied to one fixed layout: a view's strides vary with R (size-1 dims), and the
+        # GEMM kernel (so the rounding) follows the layout.
+        scores = qg @ k.permute(0, 2, 3, 1).contiguous()  # [R, K, G, S]
         future = (key_pos[None, :] > pos[:, None])[:, None, None]  # [R, 1, 1, S]
         scores = scores.masked_fill(future, float("-inf"))
         m_new = torch.maximum(m, scores.amax(dim=-1))  # [R, K, G]
         scale = (m - m_new).exp()  # [R, K, G]: 0 on the first block, 1 where the block is all future
         p = (scores - m_new[..., None]).exp()  # [R, K, G, S]
         den = den * scale + p.sum(dim=-1)
-        acc = acc * scale[..., None] + p @ v.transpose(1, 2)  # [R, K, G, d]
+        acc = acc * scale[..., None] + p @ v.transpose(1, 2).contiguous()  # [R, K, G, d]
         m = m_new
     return (acc / den[..., None]).reshape(R, H, d).to(q.dtype)
