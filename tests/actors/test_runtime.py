@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +54,12 @@ def oracle(tiny4_dir: Path) -> list[list[TokenEvent]]:
     return local_run(tiny4_dir, [GenerateRequest(p, GREEDY) for p in prompts(3)])
 
 
-@pytest.mark.parametrize("num_shards", [1, 2, 3, 4])
+@pytest.mark.parametrize("num_shards, transport", [(1, "auto"), (2, "auto"), (3, "auto"), (4, "auto"),
+                                                   (2, "socket"), (3, "ray")])
 def test_distributed_equals_local(
-    ray_session: Any, tiny4_dir: Path, oracle: list[list[TokenEvent]], num_shards: int
+    ray_session: Any, tiny4_dir: Path, oracle: list[list[TokenEvent]], num_shards: int, transport: str
 ) -> None:
-    rt = start_runtime(str(tiny4_dir), num_shards, ENGINE)
+    rt = start_runtime(str(tiny4_dir), num_shards, ENGINE, options=RuntimeOptions(transport=transport))
     try:
         for p, want in zip(prompts(3), oracle, strict=True):
             assert_same(rt.generate(GenerateRequest(p, GREEDY)), want)
@@ -68,15 +71,19 @@ def test_distributed_equals_local(
         stats = ray.get(rt.dispatcher.stats.remote())
         assert not [n for n in stats["param_names"] if "expert" in n]
         assert sum(stats["shard_calls"]) > 0
+        if transport != "ray":  # every shard's rows went over its channel, not through Ray
+            assert stats["channels"] == [1] * num_shards and stats["channels_opened"] == num_shards
+            assert [info["channels"] for info in infos] == [1] * num_shards
     finally:
         rt.shutdown()
 
 
-def test_multi_node_spread(ray_session: Any, tiny4_dir: Path, oracle: list[list[TokenEvent]]) -> None:
-    """Dispatcher on the head node, the two shards on the two expert nodes."""
-    opts = RuntimeOptions(
-        strategy="STRICT_SPREAD", shard_resources={"expert_node": 1}, dispatcher_resources={"head_node": 0.5}
-    )
+@pytest.mark.parametrize("transport", ["auto", "socket"])
+def test_multi_node_spread(ray_session: Any, tiny4_dir: Path, oracle: list[list[TokenEvent]],
+                           transport: str) -> None:
+    """Dispatcher on the head node, the two shards on the two expert nodes: the rows go over TCP."""
+    opts = RuntimeOptions(strategy="STRICT_SPREAD", shard_resources={"expert_node": 1},
+                          dispatcher_resources={"head_node": 0.5}, transport=transport)
     rt = start_runtime(str(tiny4_dir), 2, ENGINE, options=opts)
     try:
         shard_nodes = [info["node_id"] for info in ray.get([s.info.remote() for s in rt.shards])]
@@ -86,6 +93,34 @@ def test_multi_node_spread(ray_session: Any, tiny4_dir: Path, oracle: list[list[
         assert dispatcher_node == head[0]
         for p, want in zip(prompts(3), oracle, strict=True):
             assert_same(rt.generate(GenerateRequest(p, GREEDY)), want)
+        assert ray.get(rt.dispatcher.stats.remote())["channels"] == [1, 1]
+    finally:
+        rt.shutdown()
+
+
+def test_killed_shard_mid_stream(ray_session: Any, tiny4_dir: Path) -> None:
+    """SIGKILL a shard's process while streams run: Ray restarts it, it announces a new endpoint, the
+    dispatcher connects to it, and every stream finishes with the tokens it would have had."""
+    long = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True, logprobs=2)
+    reqs = [GenerateRequest(p, long) for p in prompts(3, seed=11)]
+    want = local_run(tiny4_dir, reqs)
+    rt = start_runtime(str(tiny4_dir), 2, ENGINE)
+    try:
+        victim = ray.get(rt.shards[1].info.remote())
+
+        async def run() -> list[list[TokenEvent]]:
+            streams = [asyncio.ensure_future(stream(rt, r, 0.0)) for r in reqs]
+            await asyncio.sleep(0.5)
+            os.kill(victim["pid"], signal.SIGKILL)
+            assert not any(s.done() for s in streams)  # killed mid-stream
+            return await asyncio.gather(*streams)
+
+        got = asyncio.run(run())
+        for g, w in zip(got, want, strict=True):
+            assert_same(g, w)
+        stats = ray.get(rt.dispatcher.stats.remote())
+        assert stats["channels"] == [1, 1] and stats["channels_opened"] == 3 and stats["shard_retries"] >= 1
+        assert ray.get(rt.shards[1].info.remote())["replica"] != victim["replica"]
     finally:
         rt.shutdown()
 
