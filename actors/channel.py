@@ -4,9 +4,10 @@
 and returns a `Channel` whose `call(...)` sends one layer's rows and adds the answer into the
 caller's output, on the engine's event loop:
 - `SharedChannel` (same node): the request is copied into a pre-allocated shared `memfd` region and
-  an eventfd is signalled; the reply eventfd is polled for `spin_s`, then awaited through the event
-  loop (`add_reader`). No syscall beyond the two eventfd operations, no pickling, no allocation of
-  buffers per call.
+  an eventfd is signalled; the caller that sent a step's last chunk polls the reply eventfd for
+  `SPIN_S`, then every caller waits through the event loop (the eventfd is watched by `add_reader`
+  for the channel's life). No syscall beyond the two eventfd operations, no pickling, no buffers
+  allocated per call.
 - `SocketChannel` (other nodes, or `transport="socket"`): the same frame on a TCP stream, read into
   a pre-allocated buffer by the event loop's reader callback.
 
@@ -136,11 +137,16 @@ class Channel:
         self._loop, self._lock = loop, asyncio.Lock()
         self.sock.setblocking(False)
         loop.add_reader(self.sock.fileno(), self._readable)
+        self._attached(loop)
+
+    def _attached(self, loop: asyncio.AbstractEventLoop) -> None:
+        pass
 
     async def call(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor) -> None:
+                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor, spin: bool = False) -> None:
         """Send x [n, D] with its expert ids and gates; add the answer into `out` at `rows`. `tags` (the
-        step's request ids, sent with layer 0) are for the shard's logs."""
+        step's request ids, sent with layer 0) are for the shard's logs; `spin`: poll for the answer
+        briefly before yielding to the event loop (for the last call of a step to be sent)."""
         assert self._lock is not None, "attach() the channel to the event loop first"
         self.in_flight += 1
         try:
@@ -149,7 +155,7 @@ class Channel:
                     raise PeerGoneError(self.dead)
                 start = time.perf_counter()
                 data = "\n".join(tags).encode()[:MAX_TAG_BYTES] if tags else b""
-                await self._exchange(layer, x, expert_ids, gates, data, out, rows)
+                await self._exchange(layer, x, expert_ids, gates, data, out, rows, spin)
                 self.calls += 1
                 self.busy_s += time.perf_counter() - start
         except (asyncio.CancelledError, asyncio.TimeoutError):
@@ -159,7 +165,7 @@ class Channel:
             self.in_flight -= 1
 
     async def _exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                        tags: bytes, out: torch.Tensor, rows: torch.Tensor) -> None:
+                        tags: bytes, out: torch.Tensor, rows: torch.Tensor, spin: bool) -> None:
         raise NotImplementedError
 
     def fail(self, why: str) -> None:
@@ -220,13 +226,19 @@ class SharedChannel(Channel):
             os.close(memfd)  # the mapping keeps the segment; it goes when both ends unmap
         return cls(endpoint, spec, sock, mm, req_fd, rep_fd)
 
+    def _attached(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_reader(self.rep_fd, self._replied)
+
     async def _exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                        tags: bytes, out: torch.Tensor, rows: torch.Tensor) -> None:
+                        tags: bytes, out: torch.Tensor, rows: torch.Tensor, spin: bool) -> None:
+        assert self._loop is not None
         self.seq += 1
         self.req.write_request(self.seq, layer, x, expert_ids, gates, tags)
+        self._waiter = self._loop.create_future()
         os.eventfd_write(self.req_fd, 1)
-        if not self._spin():
-            await self._reply()
+        if not (spin and self._spin()):
+            await self._waiter
+        self._waiter = None
         y = self.rep.read_reply(self.seq, len(x), x.shape[1], x.dtype)
         out.index_add_(0, rows, y.to(out.device))
 
@@ -239,15 +251,6 @@ class SharedChannel(Channel):
             except BlockingIOError:
                 if time.perf_counter() > end:
                     return False
-
-    async def _reply(self) -> None:
-        assert self._loop is not None
-        self._waiter = self._loop.create_future()
-        self._loop.add_reader(self.rep_fd, self._replied)
-        try:
-            await self._waiter
-        finally:
-            self._loop.remove_reader(self.rep_fd)
 
     def _replied(self) -> None:
         try:
@@ -277,6 +280,8 @@ class SharedChannel(Channel):
             self._loop.remove_reader(self.sock.fileno())
 
     def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.rep_fd)
         super().close()
         for fd in (self.req_fd, self.rep_fd):
             try:
@@ -312,7 +317,7 @@ class SocketChannel(Channel):
         return cls(endpoint, spec, sock)
 
     async def _exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                        tags: bytes, out: torch.Tensor, rows: torch.Tensor) -> None:
+                        tags: bytes, out: torch.Tensor, rows: torch.Tensor, spin: bool) -> None:
         assert self._loop is not None
         self.seq += 1
         n = self.out.write_request(self.seq, layer, x, expert_ids, gates, tags)

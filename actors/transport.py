@@ -21,9 +21,11 @@ attempt is bounded by that deadline too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -41,8 +43,9 @@ class ShardUnavailableError(RuntimeError):
 
 class Link(Protocol):
     async def call(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor) -> None:
-        """Send x [n, D] with its expert ids [n, k] and gates [n, k]; add y [n, D] into out[rows]."""
+                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor, spin: bool = False) -> None:
+        """Send x [n, D] with its expert ids [n, k] and gates [n, k]; add y [n, D] into out[rows].
+        `spin`: this is the step's last call to go out, it may poll for its answer."""
 
 
 class Links(Protocol):
@@ -84,7 +87,7 @@ class HandleLink:
         self.handle = handle
 
     async def call(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor) -> None:
+                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor, spin: bool = False) -> None:
         response = self.handle.serve.remote(layer, x, expert_ids, gates, tuple(tags))
         try:
             y = await response
@@ -125,6 +128,23 @@ class HandleLinks:
         return {}
 
 
+if sys.version_info >= (3, 11):
+    _timeout = asyncio.timeout  # a timer on the running task: no extra task per call, as wait_for makes
+else:  # pragma: no cover - Python 3.10
+
+    @contextlib.asynccontextmanager
+    async def _timeout(seconds: float) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        timer = asyncio.get_running_loop().call_later(seconds, task.cancel)
+        try:
+            yield
+        except asyncio.CancelledError as e:
+            raise asyncio.TimeoutError from e
+        finally:
+            timer.cancel()
+
+
 class ShardedExperts:
     def __init__(self, placement: Placement, links: Links, shard_timeout_s: float = 60.0) -> None:
         self.placement, self.links, self.shard_timeout_s = placement, links, shard_timeout_s
@@ -143,15 +163,19 @@ class ShardedExperts:
         parts = split_by_shard(ids, gates, shard_of, self.num_shards)
         tags = STEP_REQUESTS.get() if layer == 0 else ()  # request ids reach the shards' logs once a step
         y = torch.zeros_like(x)
-        calls = []
+        jobs = []
         for s, (rows, sids, sgates) in enumerate(parts):
             links = self.links.links(s)
             for i, c in enumerate(self._split(len(rows), len(links))):
-                link = links[i % len(links)] if links else None
-                calls.append(self._call(s, link, layer, x[rows[c]], sids[c], sgates[c], tags, y, rows[c]))
+                jobs.append((s, links[i % len(links)] if links else None, rows[c], sids[c], sgates[c]))
+        calls = [self._call(s, link, layer, x[rows], sids, sgates, tags, y, rows, i == len(jobs) - 1)
+                 for i, (s, link, rows, sids, sgates) in enumerate(jobs)]
         self.in_flight += 1
         try:
-            await asyncio.gather(*calls)
+            if len(calls) == 1:
+                await calls[0]
+            else:
+                await asyncio.gather(*calls)  # each sends as it starts: all are out before any waits
         finally:
             self.in_flight -= 1
         return y
@@ -166,7 +190,8 @@ class ShardedExperts:
         return [slice(bounds[i], bounds[i + 1]) for i in range(k)]
 
     async def _call(self, shard: int, link: Link | None, layer: int, x: torch.Tensor, ids: torch.Tensor,
-                    gates: torch.Tensor, tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor) -> None:
+                    gates: torch.Tensor, tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor,
+                    spin: bool) -> None:
         start = time.perf_counter()
         deadline, attempt = start + self.shard_timeout_s, 0
         while True:
@@ -177,7 +202,8 @@ class ShardedExperts:
                     f"expert shard {shard} has no live replica after {self.shard_timeout_s:g} s")
             try:
                 left = max(deadline - time.perf_counter(), 1e-3)
-                await asyncio.wait_for(link.call(layer, x, ids, gates, tags, out, rows), left)
+                async with _timeout(left):
+                    await link.call(layer, x, ids, gates, tags, out, rows, spin)
                 break
             except asyncio.TimeoutError as e:
                 raise ShardUnavailableError(
