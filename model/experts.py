@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moray.model.invariant import by_row_tiles
+from moray.model.invariant import RowTiler
 from moray.model.layers import linear, pack_linear, swiglu
 
 
@@ -29,9 +29,9 @@ class ExpertBank(torch.nn.Module):
     """Several experts of one layer, computed grouped: tokens sorted by expert, one matmul pair per
     expert that has tokens (never a loop over tokens).
 
-    `deterministic`: batch-invariant numerics (invariant.py): each expert runs on tiles of
-    `ROW_TILE` rows and a token's slots are summed in slot order, so a token's output depends only
-    on its own row, ids and gates, whatever else the request holds.
+    `deterministic`: batch-invariant numerics (invariant.py): each expert runs in row tiles that
+    compute as a full tile does (`RowTiler`) and a token's slots are summed in slot order, so a
+    token's output depends only on its own row, ids and gates, whatever else the request holds.
     """
 
     def __init__(
@@ -47,6 +47,7 @@ class ExpertBank(torch.nn.Module):
         super().__init__()
         self.expert_ids = list(expert_ids)
         self.deterministic = deterministic
+        self.tiles = RowTiler()
         # w1 and w3 fused: one matmul gives both halves of the SwiGLU input. Each expert's weights in
         # the layout of the fastest kernel here (`pack_linear`: oneDNN-packed on CPU).
         w13 = torch.cat([w1, w3], dim=1)  # [E, 2F, D]
@@ -100,8 +101,8 @@ class ExpertBank(torch.nn.Module):
         return y
 
     def _expert(self, e: int, xs: torch.Tensor) -> torch.Tensor:
-        if self.deterministic:
-            (y,) = by_row_tiles(lambda t: (self._swiglu(e, t),), xs)
+        if self.deterministic:  # every expert of the bank has the same shapes: one key
+            (y,) = self.tiles.run(("swiglu",), lambda t: (self._swiglu(e, t),), xs)
             return y
         return self._swiglu(e, xs)
 

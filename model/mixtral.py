@@ -16,7 +16,7 @@ import torch
 
 from moray.model.config import MixtralConfig
 from moray.model.experts import LocalExperts
-from moray.model.invariant import invariant_attention, tiled_linear, tiled_rms_norm, tiled_route
+from moray.model.invariant import RowTiler, invariant_attention
 from moray.model.kv_cache import KVCache
 from moray.model.layers import (
     StepBatch,
@@ -60,10 +60,11 @@ class Mixtral(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.cfg, self.deterministic = cfg, deterministic
-        self._linear = tiled_linear if deterministic else linear
-        self._norm = tiled_rms_norm if deterministic else rms_norm
+        tiles = RowTiler()
+        self._linear = tiles.linear if deterministic else linear
+        self._norm = tiles.rms_norm if deterministic else rms_norm
         self._attend = invariant_attention if deterministic else paged_attention
-        self._route = tiled_route if deterministic else route
+        self._route = tiles.route if deterministic else route
         expert_names = [n for n in weights if ".experts." in n]
         if expert_names:
             raise ValueError(f"the attention side must hold no expert weight, got {expert_names[:3]}")
