@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, RequestError, TokenEvent
 from moray.model.experts import ExpertBank
+from moray.model.invariant import RowTiler
 from moray.model.kv_cache import KVCache
-from moray.model.layers import StepBatch
+from moray.model.layers import StepBatch, pack_linear
 from moray.model.mixtral import Mixtral, load_local
 from moray.model.sampling import SamplingParams
 from moray.model.tokenizer import Tokenizer
@@ -180,3 +182,28 @@ def test_expert_bank_row_does_not_depend_on_its_companions(tiny_dir: Path) -> No
     assert (y - fast(x, ids, gates)).abs().max().item() <= 1e-5
     for rows in ([3], [0, 3, 7], list(range(3, 37))):
         assert torch.equal(bank(x[rows], ids[rows], gates[rows]), y[rows])
+
+
+def test_row_tiler_rows_equal_whatever_the_row_count() -> None:
+    """The expert down-projection's shape, where oneDNN computes 1 row unlike 2..256 (measured)."""
+    tiles = RowTiler()
+    weight = torch.randn(1024, 3584, generator=torch.Generator().manual_seed(1)) / 60
+    packed = pack_linear(weight)
+    x = torch.randn(40, 3584, generator=torch.Generator().manual_seed(2))
+    whole = tiles.linear(x, packed)
+    for rows in (slice(0, 1), slice(5, 6), slice(3, 10), slice(17, 40), slice(0, 33)):
+        assert torch.equal(tiles.linear(x[rows], packed), whole[rows])
+    assert (whole - F.linear(x, weight)).abs().max().item() < 1e-4
+
+
+def test_row_tiler_pads_past_sizes_that_compute_differently() -> None:
+    tiles = RowTiler(tile=8)
+
+    def odd_alone(t: torch.Tensor) -> tuple[torch.Tensor]:  # a "kernel" that rounds otherwise for 1-2 rows
+        return (t.sum(-1) + (1e-3 if t.shape[0] <= 2 else 0.0),)
+
+    (y,) = tiles.run(("odd",), odd_alone, torch.ones(3, 5))
+    assert tiles._sizes[("odd",)] == [4, 8]
+    assert torch.equal(y, torch.full((3,), 5.0))
+    (one,) = tiles.run(("odd",), odd_alone, torch.ones(1, 5))
+    assert torch.equal(one, torch.full((1,), 5.0))
