@@ -4,10 +4,11 @@ The fast kernels choose their blocking, their split of a reduction over threads 
 algorithm from the shapes they are given (oneDNN's GEMM splits K differently for 1 and 16 rows at
 K = 3584; ATen splits a row reduction over threads once a tensor holds 32k elements; SDPA's blocks
 follow the lengths), so a token's logits move in the last bits with the step's row count and with
-how its prompt was chunked. Here every operation that reduces runs on tiles of a fixed shape:
-`ROW_TILE` rows per call (the last tile padded with zeros), so every call of an operation is the
-same call, and a row's result is the same in any position of a tile (checked by the tests, which
-compare a prompt prefilled in chunks of 1, 7 and all, alone and among other requests). Attention
+how its prompt was chunked. Here every row-wise operation that reduces (matmuls, norms, the
+router, an expert) runs in tiles of `ROW_TILE` rows, and a partial tile only in a call size probed
+to compute every row exactly as a full tile does (`RowTiler`): a row's result is then the same in
+any tile, whatever its neighbours (checked by the tests, which compare a prompt prefilled in chunks
+of 1, 7 and all, alone and among other requests). Attention
 goes over the keys in fixed blocks of `KEY_BLOCK` positions, always from position 0, with an
 online softmax folded block by block in that order: a query sees the same sums in prefill and in
 decode (after Thinking Machines, "Defeating Nondeterminism in LLM Inference", 2025, and vLLM's
