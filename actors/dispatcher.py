@@ -44,7 +44,7 @@ class Dispatcher:
         cfg = MixtralConfig.load(model_dir)
         placement.validate(cfg.n_layers, cfg.n_experts)
         weights = load_attention(model_dir, dtype=resolve_dtype(dtype), device=device)
-        self.model = Mixtral(cfg, weights.tensors)
+        self.model = Mixtral(cfg, weights.tensors, deterministic=engine_config.deterministic)
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
         links = self._links(cfg, placement, shards, engine_config, resolve_dtype(dtype), transport, group)
         self.experts = ShardedExperts(placement, links, shard_timeout_s)

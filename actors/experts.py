@@ -39,14 +39,15 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class ExpertShard:
     def __init__(self, model_dir: str, shard_id: int, experts: Mapping[int, Sequence[int]], *,
                  dtype: str | torch.dtype = "float32", device: str = "cpu", num_threads: int = 1,
-                 group: str | None = None) -> None:
+                 group: str | None = None, deterministic: bool = False) -> None:
         setup_actor_logging()
         torch.set_num_threads(num_threads)
         self.shard_id, self.device = shard_id, torch.device(device)
         self.cfg = MixtralConfig.load(model_dir)
         experts = {int(layer): sorted(ids) for layer, ids in experts.items()}
         loaded = load_experts(model_dir, experts, dtype=resolve_dtype(dtype), device=self.device)
-        self.banks = {layer: ExpertBank.from_weights(loaded.tensors, layer, ids, self.cfg.n_experts)
+        self.banks = {layer: ExpertBank.from_weights(loaded.tensors, layer, ids, self.cfg.n_experts,
+                                                     deterministic=deterministic)
                       for layer, ids in experts.items()}
         self.experts = experts
         self.held = torch.zeros(self.cfg.n_layers, self.cfg.n_experts + 1, dtype=torch.bool)  # [L, 1 + E]

@@ -92,7 +92,7 @@ def start_runtime(model_dir: str, num_shards: int, engine_config: EngineConfig,
         shard_cls.options(num_cpus=opts.shard_cpus, num_gpus=1 if gpu else 0, resources=opts.shard_resources,
                           scheduling_strategy=in_bundle(s + 1), max_restarts=-1, max_task_retries=0)
         .remote(model_dir, s, placement.shard_experts(s), dtype=opts.dtype, device=opts.device,
-                num_threads=opts.threads, group=dataplane)
+                num_threads=opts.threads, group=dataplane, deterministic=engine_config.deterministic)
         for s in range(placement.num_shards)
     ]
     dispatcher = ray.remote(Dispatcher).options(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -32,10 +33,11 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     ]
 
 
-def local_run(ckpt: Path, requests: list[GenerateRequest]) -> list[list[TokenEvent]]:
+def local_run(ckpt: Path, requests: list[GenerateRequest], config: EngineConfig = ENGINE
+              ) -> list[list[TokenEvent]]:
     """Each request alone through the in-process model (the oracle)."""
-    model, experts = load_local(ckpt)
-    engine = AsyncEngine(model, experts, Tokenizer.from_model_dir(ckpt), ENGINE)
+    model, experts = load_local(ckpt, deterministic=config.deterministic)
+    engine = AsyncEngine(model, experts, Tokenizer.from_model_dir(ckpt), config)
 
     async def one(r: GenerateRequest) -> list[TokenEvent]:
         return [e async for e in engine.generate(r)]
@@ -121,6 +123,26 @@ def test_killed_shard_mid_stream(ray_session: Any, tiny4_dir: Path) -> None:
         stats = ray.get(rt.dispatcher.stats.remote())
         assert stats["channels"] == [1, 1] and stats["channels_opened"] == 3 and stats["shard_retries"] >= 1
         assert ray.get(rt.shards[1].info.remote())["replica"] != victim["replica"]
+    finally:
+        rt.shutdown()
+
+
+def test_deterministic_mode_through_shards(ray_session: Any, tiny4_dir: Path) -> None:
+    """--deterministic over the data plane: batched through 2 shards equals each request alone in process,
+    bit for bit (token ids and logprobs), greedy and seeded sampling."""
+    config = dataclasses.replace(ENGINE, deterministic=True)
+    reqs = [GenerateRequest(p, SamplingParams(max_tokens=16, temperature=0.0 if i % 2 else 0.8, seed=i,
+                                              ignore_eos=True, logprobs=1))
+            for i, p in enumerate(prompts(6, seed=5))]
+    want = local_run(tiny4_dir, reqs, config)
+    rt = start_runtime(str(tiny4_dir), 2, config)
+    try:
+        async def together() -> list[list[TokenEvent]]:
+            return await asyncio.gather(*(stream(rt, r, 0.0) for r in reqs))
+
+        for got, w in zip(asyncio.run(together()), want, strict=True):
+            assert [e.token_id for e in got] == [e.token_id for e in w]
+            assert [e.logprob for e in got] == [e.logprob for e in w]
     finally:
         rt.shutdown()
 
