@@ -32,6 +32,7 @@ from moray.model.layers import StepBatch, linear, rms_norm
 
 ROW_TILE = 16  # rows per call: the row count oneDNN's packed weights are laid out for (PACK_BATCH)
 KEY_BLOCK = 64  # key positions per attention block
+MAX_CALL_ROWS = 64  # RowTiler's largest call (where it computes rows as ROW_TILE-row calls do)
 CPU_ATTENTION_ROWS = 64  # queries per attention call on CPU (bounds the gathered keys' memory)
 
 
@@ -57,28 +58,29 @@ RowFn = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
 
 class RowTiler:
-    """Runs row-wise functions (linear, norm, router, an expert) in calls of `tile` rows, the last
-    padded to the smallest call size found equivalent to a full tile.
+    """Runs row-wise functions (linear, norm, router, an expert) in calls whose every row comes out
+    exactly as in a call of `tile` rows (the reference tile), whatever the call's other rows.
 
     Kernels pick their algorithm from the shape, so the same rows can come out differently in a
     call of another size: measured, oneDNN's packed fp32 GEMM at K = 3584 computes 1 row unlike 2..256
     rows (equal for K = 1024). So for each kind of call (`key`: the function and its weights' shapes)
-    the first use probes, on random rows, which sizes in 1, 2, 4, .. < tile give every row exactly what
-    it gets in a full tile (at the front and at the back of it); the rest is padded to the next size
-    that passed, or to a full tile. Kernels choose by shape, not by data, so a size that agrees on
-    random rows runs the same reduction order. A decode step then costs a few rows, not `tile`.
+    the first use probes, on random rows, which call sizes 1, 2, 4, .. `max_call` give every row what
+    it gets in reference tiles (at the front and at the back of a call). Rows then go in calls of the
+    largest size that passed, the rest padded to the smallest that holds it (the reference size always
+    passes). Kernels choose by shape, not by data, so a size that agrees on random rows runs the same
+    reduction order. A decode step then costs a few rows, and a prefill calls of up to `max_call`.
     """
 
-    def __init__(self, tile: int = ROW_TILE) -> None:
-        self.tile = tile
-        self._sizes: dict[tuple[object, ...], list[int]] = {}  # key -> call sizes, ascending, ending at tile
+    def __init__(self, tile: int = ROW_TILE, max_call: int = MAX_CALL_ROWS) -> None:
+        self.tile, self.max_call = tile, max(max_call, tile)
+        self._sizes: dict[tuple[object, ...], list[int]] = {}  # key -> call sizes that agree, ascending
 
     def run(self, key: tuple[object, ...], fn: RowFn, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """fn(x) for x [T, ...], every row computed as in a full tile: outputs [T, ...] each."""
+        """fn(x) for x [T, ...], every row computed as in a reference tile: outputs [T, ...] each."""
         sizes = self._sizes.get(key) or self._probe(key, fn, x)
-        rows, tile = x.shape[0], self.tile
-        bounds = [(i, i + tile) for i in range(0, rows - rows % tile, tile)]
-        rest = rows % tile
+        rows, big = x.shape[0], sizes[-1]
+        bounds = [(i, i + big) for i in range(0, rows - rows % big, big)]
+        rest = rows % big
         if rest or not rows:
             bounds.append((rows - rest, rows - rest + next(n for n in sizes if n >= rest)))
         x = _pad_rows(x, bounds[-1][1])
@@ -87,16 +89,17 @@ class RowTiler:
 
     def _probe(self, key: tuple[object, ...], fn: RowFn, like: torch.Tensor) -> list[int]:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(self.tile, *like.shape[1:], generator=g).to(like.device, like.dtype)  # [R, ...]
-        full = fn(x)
+        x = torch.randn(self.max_call, *like.shape[1:], generator=g).to(like.device, like.dtype)
+        tiles = [fn(x[i : i + self.tile]) for i in range(0, self.max_call, self.tile)]
+        ref = [torch.cat(parts) for parts in zip(*tiles, strict=True)]  # rows as reference tiles give them
 
         def agrees(n: int) -> bool:
-            front, back = fn(x[:n]), fn(x[-n:])
-            outs = zip(front, back, full, strict=True)
-            return all(torch.equal(a, f[:n]) and torch.equal(b, f[-n:]) for a, b, f in outs)
+            at = (0,) if n >= self.tile else (0, self.tile - n)  # inside the first reference tile
+            calls = [(a, fn(x[a : a + n])) for a in at]
+            return all(torch.equal(y, r[a : a + n]) for a, ys in calls for y, r in zip(ys, ref, strict=True))
 
-        sizes = [n for n in (1 << i for i in range(self.tile.bit_length())) if n < self.tile and agrees(n)]
-        self._sizes[key] = sizes + [self.tile]
+        candidates = (1 << i for i in range(self.max_call.bit_length()))
+        self._sizes[key] = [n for n in candidates if n == self.tile or (n <= self.max_call and agrees(n))]
         return self._sizes[key]
 
     def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
