@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, RequestError, TokenEvent
-from moray.model.experts import ExpertBank
+from moray.model.experts import ExpertBank, split_by_shard
 from moray.model.invariant import RowTiler
 from moray.model.kv_cache import KVCache
 from moray.model.layers import StepBatch, pack_linear
@@ -207,3 +207,22 @@ def test_row_tiler_pads_past_sizes_that_compute_differently() -> None:
     assert torch.equal(y, torch.full((3,), 5.0))
     (one,) = tiles.run(("odd",), odd_alone, torch.ones(1, 5))
     assert torch.equal(one, torch.full((1,), 5.0))
+
+
+def test_deterministic_shards_add_up_to_one_bank_bit_for_bit(tiny_dir: Path) -> None:
+    """Top-2 with the experts on 3 shards, partial outputs added back as the dispatcher does
+    (`index_add_` into zeros): the same bits as every expert in one bank."""
+    everything = {1: list(range(8))}
+    tensors = load_experts(tiny_dir, everything).tensors
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 128, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(30)])
+    gates = torch.softmax(torch.randn(30, 2, generator=g), -1)
+    owner = torch.tensor([e % 3 for e in range(8)])
+    y = torch.zeros_like(x)
+    for s, (rows, sid, sg) in enumerate(split_by_shard(ids, gates, owner[ids], 3)):
+        held = [e for e in range(8) if e % 3 == s]
+        bank = ExpertBank.from_weights(tensors, 1, held, 8, deterministic=True)
+        y.index_add_(0, rows, bank(x[rows], sid, sg))
+    whole = ExpertBank.from_weights(tensors, 1, range(8), 8, deterministic=True)
+    assert torch.equal(y, whole(x, ids, gates))
