@@ -4,6 +4,8 @@ It loads only the `attention` role and reaches the experts through `ShardedExper
 plane (`transport="auto"`: shared memory on the node, TCP across; `"socket"`: TCP always) or over Ray
 calls (`"ray"`). A plain class: `actors/runtime.py` runs it as a Ray actor, `deploy/serve/deployments.py`
 as a Serve deployment.
+Given a placement `board`, it routes with the board's placement and follows its moves
+(`DispatcherFollower`, `actors/replacement.py`).
 `DispatcherWatch` is for its callers: it fails their calls fast while the dispatcher is dead.
 """
 
@@ -18,12 +20,14 @@ from typing import Any
 
 import torch
 
+from moray.actors.board import PlacementBoard
 from moray.actors.channel import ChannelSpec
 from moray.actors.dataplane import DataPlane, Transport
 from moray.actors.directory import Directory
 from moray.actors.experts import resolve_dtype
 from moray.actors.logs import setup_actor_logging
 from moray.actors.placement import Placement
+from moray.actors.replacement import DispatcherFollower
 from moray.actors.transport import HandleLinks, Links, ShardedExperts
 from moray.model.config import MixtralConfig
 from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, TokenEvent
@@ -38,16 +42,22 @@ class Dispatcher:
     def __init__(self, model_dir: str, placement: Placement, shards: Sequence[Any],
                  engine_config: EngineConfig, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
                  num_threads: int = 1, shard_timeout_s: float = 60.0, transport: Transport = "auto",
-                 group: str | None = None) -> None:
+                 group: str | None = None, board: str | None = None) -> None:
+        """With a placement `board`, the placement in force there (and every later one) replaces
+        `placement`."""
         setup_actor_logging()
         torch.set_num_threads(num_threads)
         cfg = MixtralConfig.load(model_dir)
+        self.follower = DispatcherFollower(PlacementBoard(board)) if board else None
+        version, placement = self.follower.begin(placement) if self.follower else (0, placement)
         placement.validate(cfg.n_layers, cfg.n_experts)
         weights = load_attention(model_dir, dtype=resolve_dtype(dtype), device=device)
         self.model = Mixtral(cfg, weights.tensors, deterministic=engine_config.deterministic)
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
         links = self._links(cfg, placement, shards, engine_config, resolve_dtype(dtype), transport, group)
-        self.experts = ShardedExperts(placement, links, shard_timeout_s)
+        self.experts = ShardedExperts(placement, links, shard_timeout_s, version)
+        if self.follower is not None:
+            self.follower.follow(self.experts)
         self.engine = AsyncEngine(self.model, self.experts, self.tokenizer, engine_config)
         log.info("dispatcher ready: %d layers, %d shards, %.1f MB attention weights", cfg.n_layers,
                  placement.num_shards, self.model.param_bytes() / 1e6)
@@ -73,6 +83,15 @@ class Dispatcher:
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), **self.experts.stats(), "param_bytes": self.model.param_bytes(),
                 "param_names": self.model.param_names(), "pid": os.getpid()}
+
+    def close(self) -> None:
+        """Leave the placement board (a coordinator stops waiting for this dispatcher)."""
+        follower, self.follower = getattr(self, "follower", None), None
+        if follower is not None:
+            follower.stop()
+
+    def __del__(self) -> None:
+        self.close()
 
     def node_id(self) -> str | None:
         import ray

@@ -7,6 +7,9 @@ Given a data-plane `group`, it opens a `ShardEndpoint` (`actors/endpoint.py`) an
 `Directory`; dispatchers then send its rows over shared memory or TCP instead of calling `serve`
 through Ray. `close()` (Serve calls `__del__` when it stops a replica) retracts the announcement and
 drains the channels first.
+
+Given a placement `board` (`actors/board.py`), the experts it holds follow the board while it serves
+(`ShardFollower`, `actors/replacement.py`): `hold()` loads only the experts gained, from the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from moray.actors.board import PlacementBoard
 from moray.actors.directory import Directory
 from moray.actors.endpoint import ShardEndpoint
 from moray.actors.frames import Limits
 from moray.actors.logs import setup_actor_logging
+from moray.actors.replacement import ShardFollower
 from moray.model.config import MixtralConfig
 from moray.model.experts import ExpertBank
 from moray.model.weights import load_experts
@@ -36,33 +42,87 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype]
 
 
+@dataclass(frozen=True)
+class Holding:
+    """What a shard replica serves: its experts (layer -> ids), their banks, the held mask [L, 1 + E] and
+    the placement-board tag they answer ("3", or "3+4" while a move holds old and new: `actors/board.py`).
+    Replaced whole (`ExpertShard.hold`), so a call reads one consistent holding."""
+
+    experts: dict[int, list[int]]
+    banks: dict[int, ExpertBank]
+    held: torch.Tensor
+    tag: str = ""
+
+
 class ExpertShard:
     def __init__(self, model_dir: str, shard_id: int, experts: Mapping[int, Sequence[int]], *,
                  dtype: str | torch.dtype = "float32", device: str = "cpu", num_threads: int = 1,
-                 group: str | None = None, deterministic: bool = False) -> None:
+                 group: str | None = None, deterministic: bool = False, board: str | None = None) -> None:
+        """`experts` is what to hold without a placement `board`; with one, the board says (a replica
+        that starts during a move loads the old and the new experts of its shard)."""
         setup_actor_logging()
         torch.set_num_threads(num_threads)
         self.shard_id, self.device = shard_id, torch.device(device)
+        self.model_dir, self.dtype, self.deterministic = model_dir, resolve_dtype(dtype), deterministic
         self.cfg = MixtralConfig.load(model_dir)
-        experts = {int(layer): sorted(ids) for layer, ids in experts.items()}
-        loaded = load_experts(model_dir, experts, dtype=resolve_dtype(dtype), device=self.device)
-        self.banks = {layer: ExpertBank.from_weights(loaded.tensors, layer, ids, self.cfg.n_experts,
-                                                     deterministic=deterministic)
-                      for layer, ids in experts.items()}
-        self.experts = experts
-        self.held = torch.zeros(self.cfg.n_layers, self.cfg.n_experts + 1, dtype=torch.bool)  # [L, 1 + E]
-        self.held[:, 0] = True  # padding slots (-1)
-        for layer, ids in experts.items():
-            self.held[layer, torch.tensor(ids, dtype=torch.long) + 1] = True
+        self.replica = uuid.uuid4().hex[:12]
+        self.holding = Holding({}, {}, _held_mask(self.cfg.n_layers, self.cfg.n_experts, {}))
+        self.follower = ShardFollower(PlacementBoard(board), self) if board else None
+        tag, wanted = self.follower.begin(experts) if self.follower else ("", experts)
+        self.hold(wanted, tag)
         self.tokens_served = torch.zeros(self.cfg.n_layers, self.cfg.n_experts, dtype=torch.long)
         self.busy_s = 0.0
         self._seen: set[str] = set()
-        log.info("expert shard %d holds %s (%.1f MB)", shard_id, _describe(experts), self.param_bytes() / 1e6)
-        self.replica = uuid.uuid4().hex[:12]
+        log.info("expert shard %d holds %s (%.1f MB)", shard_id, _describe(self.experts),
+                 self.param_bytes() / 1e6)
         self.endpoint: ShardEndpoint | None = None
         self.directory = Directory(group) if group else None
         if self.directory is not None:
-            self._open_endpoint(resolve_dtype(dtype))
+            self._open_endpoint(self.dtype)
+        if self.follower is not None:
+            self.follower.start()
+
+    @property
+    def experts(self) -> dict[int, list[int]]:
+        return self.holding.experts
+
+    @property
+    def banks(self) -> dict[int, ExpertBank]:
+        return self.holding.banks
+
+    @property
+    def held(self) -> torch.Tensor:
+        return self.holding.held
+
+    def hold(self, experts: Mapping[int, Sequence[int]], tag: str = "") -> None:
+        """Hold exactly `experts` (layer -> ids): read only the ones not held yet from the checkpoint, keep
+        the others' packed weights as they are, and let go of the rest (freed once no call uses them).
+        Peak extra memory: the experts gained. Raises (holding what it held) if a load fails."""
+        old = self.holding
+        wanted = {int(layer): sorted({int(e) for e in ids}) for layer, ids in experts.items() if ids}
+        gained = {layer: [e for e in ids if e not in old.experts.get(layer, ())]
+                  for layer, ids in wanted.items()}
+        gained = {layer: ids for layer, ids in gained.items() if ids}
+        loaded = {}
+        if gained:
+            loaded = load_experts(self.model_dir, gained, dtype=self.dtype, device=self.device).tensors
+        banks = {layer: self._bank(old.banks.get(layer), loaded, layer, gained.get(layer, []), ids)
+                 for layer, ids in wanted.items()}
+        self.holding = Holding(wanted, banks, _held_mask(self.cfg.n_layers, self.cfg.n_experts, wanted), tag)
+        if old.experts:
+            dropped = sum(len(set(ids) - set(wanted.get(layer, ()))) for layer, ids in old.experts.items())
+            log.info("expert shard %d replica %s holds placement %s: %d (layer, expert) pairs loaded, %d let "
+                     "go, %.1f MB", self.shard_id, self.replica, tag or "-", sum(map(len, gained.values())),
+                     dropped, self.param_bytes() / 1e6)
+
+    def _bank(self, old: ExpertBank | None, loaded: Mapping[str, torch.Tensor], layer: int, gained: list[int],
+              ids: list[int]) -> ExpertBank:
+        new = ExpertBank.from_weights(loaded, layer, gained, self.cfg.n_experts,
+                                      deterministic=self.deterministic) if gained else None
+        parts = [b for b in (old, new) if b is not None]
+        if len(parts) == 1 and parts[0].expert_ids == ids:
+            return parts[0]
+        return ExpertBank.combine(parts, ids, self.cfg.n_experts)
 
     def _open_endpoint(self, dtype: torch.dtype) -> None:
         assert self.directory is not None
@@ -75,12 +135,16 @@ class ExpertShard:
 
     def close(self, drain_s: float = 3.0) -> None:
         """Leave the data plane: retract the endpoint, let dispatchers close their channels, stop."""
+        follower, self.follower = getattr(self, "follower", None), None
+        if follower is not None:
+            follower.stop()
         endpoint, self.endpoint = getattr(self, "endpoint", None), None
         if endpoint is None:
             return
         try:
             if self.directory is not None:
                 self.directory.retract(self.shard_id, self.replica)
+
         except Exception as e:  # noqa: BLE001 - the cluster is going away too
             log.debug("could not retract the endpoint: %s", e)
         left = endpoint.drain(drain_s)
@@ -105,12 +169,14 @@ class ExpertShard:
             self._seen = set(request_ids)
         t = time.perf_counter()
         out_device = x.device
-        if not bool(self.held[layer][expert_ids.cpu() + 1].all()):
+        holding = self.holding  # one consistent set of experts for the whole call
+        if not bool(holding.held[layer][expert_ids.cpu() + 1].all()):
             asked = sorted(set(expert_ids.flatten().tolist()))
             raise ValueError(f"expert shard {self.shard_id} does not hold every expert asked of it in layer "
-                             f"{layer}: {asked}, holds {self.experts.get(layer)}")
+                             f"{layer}: {asked}, holds {holding.experts.get(layer)} (placement "
+                             f"{holding.tag})")
         ids = expert_ids.to(self.device)
-        y = self.banks[layer](x.to(self.device), ids, gates.to(self.device)).to(out_device)
+        y = holding.banks[layer](x.to(self.device), ids, gates.to(self.device)).to(out_device)
         counts = torch.bincount(ids[ids >= 0].cpu(), minlength=self.cfg.n_experts)  # [E]
         self.tokens_served[layer] += counts
         self.busy_s += time.perf_counter() - t
@@ -127,6 +193,10 @@ class ExpertShard:
     def param_bytes(self) -> int:
         return sum(bank.param_bytes() for bank in self.banks.values())
 
+    def reset_counts(self) -> None:
+        """Start the per-(layer, expert) token counters from zero."""
+        self.tokens_served.zero_()
+
     def info(self) -> dict[str, object]:
         return {
             "shard_id": self.shard_id,
@@ -136,8 +206,18 @@ class ExpertShard:
             "channels": self.endpoint.connected() if self.endpoint else None,
             "experts": self.experts,
             "param_bytes": self.param_bytes(),
+            "placement": self.holding.tag,
             "busy_s": self.busy_s,
         }
+
+
+def _held_mask(num_layers: int, num_experts: int, experts: Mapping[int, Sequence[int]]) -> torch.Tensor:
+    """[L, 1 + E]: True where (layer, expert) is held; column 0 (padding slots, id -1) always."""
+    held = torch.zeros(num_layers, num_experts + 1, dtype=torch.bool)
+    held[:, 0] = True
+    for layer, ids in experts.items():
+        held[layer, torch.tensor(list(ids), dtype=torch.long) + 1] = True
+    return held
 
 
 def _node_id() -> str | None:

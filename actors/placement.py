@@ -404,7 +404,35 @@ def plan_placement(loads: np.ndarray, num_gpus: int, redundant: int,
 
 
 def _plan_layer(load: np.ndarray, copies: int, num_gpus: int, capacity: int) -> list[list[int]]:
+    """EPLB's greedy copies, then: move one copy from one expert to another while the packed max drops
+    (greedy gives a one-hot expert 3 copies of 4 slots-bound GPUs where 2 + a split cold one balance)."""
     counts = replicate_experts(load, copies, max_copies=num_gpus)
     if counts.sum() < copies:
         log.warning("only %d of %d copies are useful (one copy per GPU at most)", counts.sum(), copies)
-    return _pack_layer(load, counts, num_gpus, capacity)
+    best = _pack_layer(load, counts, num_gpus, capacity)
+    top = _packed_max(best, load, counts)
+    for _ in range(REPLICA_ROUNDS if counts.max() > 1 else 0):
+        found = None
+        for a, b in ((a, b) for a in np.flatnonzero(counts > 1) for b in np.flatnonzero(counts < num_gpus)):
+            if a == b:
+                continue
+            trial = counts.copy()
+            trial[a], trial[b] = trial[a] - 1, trial[b] + 1
+            try:
+                packed = _pack_layer(load, trial, num_gpus, capacity)
+            except (PlacementError, IndexError):
+                continue
+            if (m := _packed_max(packed, load, trial)) < top - 1e-9:
+                top, found = m, (trial, packed)
+        if found is None:
+            break
+        counts, best = found
+    return best
+
+
+REPLICA_ROUNDS = 8  # copy moves tried per layer
+
+
+def _packed_max(gpus: list[list[int]], load: np.ndarray, counts: np.ndarray) -> float:
+    per_copy = load / counts
+    return max(float(per_copy[held].sum()) for held in gpus)

@@ -16,6 +16,9 @@ links per shard:
 A call that fails because its replica died is retried on another live replica (or, through Serve,
 its replacement) until `shard_timeout_s` passes; then `ShardUnavailableError` (HTTP 503). Every
 attempt is bounded by that deadline too.
+
+The placement itself can change while serving (online re-placement, `actors/replacement.py`): a new one
+is staged from any thread and routes from the first moment no expert call is in flight.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
@@ -146,20 +150,58 @@ else:  # pragma: no cover - Python 3.10
 
 
 class ShardedExperts:
-    def __init__(self, placement: Placement, links: Links, shard_timeout_s: float = 60.0) -> None:
+    def __init__(self, placement: Placement, links: Links, shard_timeout_s: float = 60.0,
+                 version: int = 0) -> None:
         self.placement, self.links, self.shard_timeout_s = placement, links, shard_timeout_s
+        self.version = version  # the placement board's version of `placement` (0: no board)
         self.num_shards = placement.num_shards
         self.min_split_rows = 4
         self.calls = [0] * self.num_shards
         self.call_s = [0.0] * self.num_shards
         self.retries = 0
         self.in_flight = 0
+        self._staged: tuple[int, Placement] | None = None
+        self._switch = threading.Lock()  # the board's follower thread stages; the event loop routes
+
+    def stage(self, version: int, placement: Placement) -> None:
+        """Route with `placement` from the next moment no expert call is in flight (at once if none is).
+        Any thread. Afterwards no call routed with the old placement is left (`version` says when)."""
+        if placement.num_shards != self.num_shards:
+            raise ValueError(f"placement v{version} has {placement.num_shards} shards, this dispatcher "
+                             f"{self.num_shards}")
+        with self._switch:
+            self._staged = (version, placement)
+            self._apply_staged()
+
+    @property
+    def staged_version(self) -> int | None:
+        staged = self._staged
+        return staged[0] if staged else None
+
+    def _apply_staged(self) -> None:
+        """Switch to the staged placement if nothing is in flight (the caller holds `_switch`)."""
+        if self._staged is not None and self.in_flight == 0:
+            (version, placement), self._staged = self._staged, None
+            log.info("dispatcher routes with placement v%d (was v%d)", version, self.version)
+            self.version, self.placement = version, placement
 
     async def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
                        gates: torch.Tensor) -> torch.Tensor:
         if layer == 0 and self.in_flight == 0:
             self.links.between_steps()  # the table of replicas changes only between steps
-        shard_of = self.placement.route(layer, ids)  # [T, A]
+        with self._switch:
+            self._apply_staged()
+            placement = self.placement
+            self.in_flight += 1
+        try:
+            return await self._layer(placement, layer, x, ids, gates)
+        finally:
+            with self._switch:
+                self.in_flight -= 1
+
+    async def _layer(self, placement: Placement, layer: int, x: torch.Tensor, ids: torch.Tensor,
+                     gates: torch.Tensor) -> torch.Tensor:
+        shard_of = placement.route(layer, ids)  # [T, A]
         parts = split_by_shard(ids, gates, shard_of, self.num_shards)
         tags = STEP_REQUESTS.get() if layer == 0 else ()  # request ids reach the shards' logs once a step
         y = torch.zeros_like(x)
@@ -170,14 +212,10 @@ class ShardedExperts:
                 jobs.append((s, links[i % len(links)] if links else None, rows[c], sids[c], sgates[c]))
         calls = [self._call(s, link, layer, x[rows], sids, sgates, tags, y, rows, i == len(jobs) - 1)
                  for i, (s, link, rows, sids, sgates) in enumerate(jobs)]
-        self.in_flight += 1
-        try:
-            if len(calls) == 1:
-                await calls[0]
-            else:
-                await asyncio.gather(*calls)  # each sends as it starts: all are out before any waits
-        finally:
-            self.in_flight -= 1
+        if len(calls) == 1:
+            await calls[0]
+        else:
+            await asyncio.gather(*calls)  # each sends as it starts: all are out before any waits
         return y
 
     def _split(self, n: int, links: int) -> list[slice]:
@@ -219,4 +257,4 @@ class ShardedExperts:
 
     def stats(self) -> dict[str, Any]:
         return {"shard_calls": list(self.calls), "shard_call_s": list(self.call_s),
-                "shard_retries": self.retries, **self.links.stats()}
+                "shard_retries": self.retries, "placement_version": self.version, **self.links.stats()}

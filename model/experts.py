@@ -78,6 +78,31 @@ class ExpertBank(torch.nn.Module):
             ids, stack["w1"], stack["w2"], stack["w3"], num_global_experts, deterministic=deterministic
         )
 
+    @classmethod
+    def combine(
+        cls, banks: Iterable[ExpertBank], expert_ids: Iterable[int], num_global_experts: int
+    ) -> ExpertBank:
+        """A bank of `expert_ids`, each expert's packed weights taken from the first of `banks` that holds
+        it: shared, not copied (so a bank can gain or lose experts without re-reading or repacking the
+        others; what no bank keeps a reference to is freed)."""
+        sources = list(banks)
+        ids = sorted(expert_ids)
+        where = {}
+        for bank in reversed(sources):
+            where.update({e: (bank, i) for i, e in enumerate(bank.expert_ids)})
+        missing = [e for e in ids if e not in where]
+        if missing or not sources:
+            raise ValueError(f"cannot combine experts {missing or ids}: no bank holds them")
+        out = cls.__new__(cls)
+        torch.nn.Module.__init__(out)
+        out.expert_ids, out.deterministic, out.tiles = ids, sources[0].deterministic, sources[0].tiles
+        out.w13 = [where[e][0].w13[where[e][1]] for e in ids]  # E x [2F, D]
+        out.w2 = [where[e][0].w2[where[e][1]] for e in ids]  # E x [D, F]
+        local = torch.full((num_global_experts,), -1, dtype=torch.long)
+        local[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
+        out.register_buffer("local_index", local.to(sources[0].local_index.device), persistent=False)
+        return out
+
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         n, k = expert_ids.shape
         flat_ids = expert_ids.reshape(-1)  # [n*k]
