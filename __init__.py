@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from moray.deploy.client import MorayClient
+    from moray.deploy.api.client import MorayClient
 
 
 def connect(address: str = "auto", app: str = "moray", **kwargs: Any) -> MorayClient:
-    """Connect to a running moray Serve application (see `moray.deploy.client.connect`)."""
-    from moray.deploy.client import connect as _connect
+    """Connect to a running moray Serve application (see `moray.deploy.api.client.connect`)."""
+    from moray.deploy.api.client import connect as _connect
 
     return _connect(address=address, app=app, **kwargs)

@@ -2,8 +2,9 @@
 
     openai-ingress (HTTP + gRPC) ──► dispatcher (engine, attention; N replicas) ──► expert-shard-{g}
 
-The shard and dispatcher deployments are `deploy/shards.py`'s serving subclasses of the runtime's
-`ExpertShard` / `Dispatcher` (load reporting for autoscaling, Prometheus, replica-aware splits).
+The composition root of `deploy/`: it binds `deploy/api/`'s ingress to `deploy/serve/`'s deployments
+(the serving subclasses of the runtime's `ExpertShard` / `Dispatcher`: load reporting for
+autoscaling, Prometheus, replica-aware splits), so neither package imports the other's builder.
 
 Every dispatcher replica gets handles to the same shard deployments, so attention scales apart
 from the experts. `build_app` is also what KubeRay's `serveConfigV2` imports
@@ -13,20 +14,28 @@ from the experts. `build_app` is also what KubeRay's `serveConfigV2` imports
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
 from moray.actors.placement import Placement
-from moray.deploy.config import ServerConfig
+from moray.deploy.api.grpc import grpc_options
+from moray.deploy.api.ingress import OpenAIIngress
+from moray.deploy.serve.autoscaling import autoscaling_config
+from moray.deploy.serve.config import ServerConfig
+from moray.deploy.serve.deployments import ServedDispatcher, ServedExpertShard
+from moray.deploy.serve.router import shard_router_config
+from moray.deploy.serve.state import DISPATCHER, INGRESS, shard_name
 from moray.model.config import MixtralConfig
 from moray.model.engine import EngineConfig
+from moray.model.tiny import TinySpec, default_model_dir
 
 log = logging.getLogger(__name__)
 
 SHARD_OPTIONS: dict[str, Any] = {"max_ongoing_requests": 64, "graceful_shutdown_timeout_s": 5.0,
                                  "health_check_period_s": 5.0}
 DISPATCHER_OPTIONS: dict[str, Any] = {"graceful_shutdown_timeout_s": 5.0, "health_check_period_s": 5.0}
-INGRESS_OPTIONS: dict[str, Any] = {"name": "openai-ingress", "max_ongoing_requests": 2000,
+INGRESS_OPTIONS: dict[str, Any] = {"name": INGRESS, "max_ongoing_requests": 2000,
                                    "graceful_shutdown_timeout_s": 5.0, "ray_actor_options": {"num_cpus": 0}}
 HEALTH_MARGIN = 16  # dispatcher calls beyond the engine's own limits: stats, health checks
 
@@ -35,8 +44,6 @@ def model_dir(config: ServerConfig) -> str:
     """The checkpoint directory; no `model`: the embedded tiny model (made on first use)."""
     if config.model:
         return str(Path(config.model).expanduser())
-    from moray.model.tiny import TinySpec, default_model_dir
-
     return str(default_model_dir(TinySpec(seed=config.tiny_seed)))
 
 
@@ -63,8 +70,6 @@ def _gpus(config: ServerConfig) -> dict[str, Any]:
 def _shard_scaling(config: ServerConfig) -> dict[str, Any]:
     if not config.autoscaling:
         return {"num_replicas": config.shard_min_replicas}
-    from moray.deploy.autoscaling import autoscaling_config
-
     kwargs = {"target_tokens_per_s": config.target_tokens_per_replica_s,
               "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s}
     return {"autoscaling_config": autoscaling_config(
@@ -77,8 +82,6 @@ def _dispatcher_scaling(config: ServerConfig) -> dict[str, Any]:
               "max_queued_requests": max(config.max_waiting, 1)}
     if not config.autoscaling:
         return {**limits, "num_replicas": config.dispatcher_replicas}
-    from moray.deploy.autoscaling import autoscaling_config
-
     kwargs = {"target_seqs_per_replica": config.target_seqs_per_dispatcher,
               "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s}
     return {**limits, "autoscaling_config": autoscaling_config(
@@ -86,40 +89,43 @@ def _dispatcher_scaling(config: ServerConfig) -> dict[str, Any]:
         policy_kwargs=kwargs)}
 
 
+def dataplane_group(config: ServerConfig) -> str | None:
+    """The data-plane group the app's shards announce their endpoints in (None: transport "ray").
+    Fresh per build, so a redeployed app never finds the old replicas' endpoints."""
+    return None if config.transport == "ray" else f"serve-{config.app_name}-{uuid.uuid4().hex[:12]}"
+
+
 def build_app(args: dict[str, Any] | ServerConfig) -> Any:
     """The moray Serve application for `args` (a `ServerConfig` or its fields as a dict)."""
     from ray import serve
 
-    from moray.deploy.openai import OpenAIIngress
-    from moray.deploy.shards import ServedDispatcher, ServedExpertShard, shard_router_config
-
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
     path, device = model_dir(config), config.resolved_device()
     dtype = str(config.resolved_dtype()).removeprefix("torch.")
-    plan = placement(config, MixtralConfig.load(path))
+    plan, group = placement(config, MixtralConfig.load(path)), dataplane_group(config)
     # Each step's chunks for one shard go to its least-loaded replicas (Serve's default router would
     # often put both chunks of a step on one replica).
     shard: Any = serve.deployment(ServedExpertShard, **SHARD_OPTIONS, **_shard_scaling(config),
                                   request_router_config=shard_router_config())
-    shards = [shard.options(name=f"expert-shard-{g}",
+    shards = [shard.options(name=shard_name(g),
                             ray_actor_options={"num_cpus": config.shard_cpus, **_gpus(config)})
-              .bind(path, g, plan.shard_experts(g), dtype=dtype, device=device)
+              .bind(path, g, plan.shard_experts(g), dtype=dtype, device=device, group=group)
               for g in range(plan.num_shards)]
     dispatcher_cpus = {"num_cpus": config.dispatcher_cpus, **_gpus(config)}
-    dispatcher: Any = serve.deployment(ServedDispatcher, name="dispatcher", **DISPATCHER_OPTIONS,
+    dispatcher: Any = serve.deployment(ServedDispatcher, name=DISPATCHER, **DISPATCHER_OPTIONS,
                                        ray_actor_options=dispatcher_cpus, **_dispatcher_scaling(config))
     ingress: Any = serve.deployment(serve.ingress()(OpenAIIngress), **INGRESS_OPTIONS)
-    log.info("moray app: model %s, %d expert shards, %d dispatcher replica(s), device %s, dtype %s",
-             path, plan.num_shards, config.dispatcher_replicas, device, dtype)
-    engine = dispatcher.bind(path, plan, shards, engine_config(config), dtype=dtype, device=device)
+    log.info("moray app: model %s, %d expert shards, %d dispatcher replica(s), device %s, dtype %s, "
+             "transport %s", path, plan.num_shards, config.dispatcher_replicas, device, dtype,
+             config.transport)
+    engine = dispatcher.bind(path, plan, shards, engine_config(config), dtype=dtype, device=device,
+                             transport=config.transport, group=group)
     return ingress.bind(engine, config, path)
 
 
 def run_app(config: ServerConfig, blocking: bool = False, proxy_location: str = "EveryNode") -> Any:
     """Start Serve's HTTP and gRPC proxies on the config's ports and deploy the app at route `/`."""
     from ray import serve
-
-    from moray.deploy.grpc import grpc_options
 
     serve.start(proxy_location=proxy_location, http_options={"host": config.host, "port": config.port},
                 grpc_options=grpc_options(config.grpc_port))

@@ -8,7 +8,7 @@ Mistral configs carry `rope_theta` at the top level. A missing theta is an error
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +135,6 @@ class MixtralConfig:
             "eos_token_id": self.eos_id,
             "tie_word_embeddings": self.tie_embeddings,
         }
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _need(cfg: dict[str, Any], key: str) -> Any:

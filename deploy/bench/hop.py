@@ -9,7 +9,6 @@ plane over shared memory ("shm") and over TCP ("socket").
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import statistics
 import time
@@ -106,7 +105,7 @@ def _start_shards(transport: str, group: str | None) -> tuple[list[Any], Any]:
         apps = [deployment.options(name=f"hop-shard-{s}").bind(s) for s in range(2)]
         handles = [serve.run(app, name=f"moray-hop-{s}", route_prefix=None) for s, app in enumerate(apps)]
         return handles, lambda: [serve.delete(f"moray-hop-{s}") for s in range(2)]
-    actor = ray.remote(num_cpus=0)(EchoShard)
+    actor: Any = ray.remote(num_cpus=0)(EchoShard)
     shards = [actor.remote(s, group) for s in range(2)]
     ray.get([s.ready.remote() for s in shards])
     return shards, lambda: [ray.kill(s) for s in shards]
@@ -117,7 +116,7 @@ def measure_hop(transports: Sequence[str] = TRANSPORTS, rows: Sequence[int] = RO
     """Per transport and row count: p50 / p90 / p99 of one layer's hop, in microseconds."""
     import ray
 
-    dispatcher = ray.remote(num_cpus=0)(HopDispatcher).remote()
+    dispatcher: Any = ray.remote(num_cpus=0)(HopDispatcher).remote()
     report: dict[str, dict[int, dict[str, float]]] = {}
     for transport in transports:
         group = f"hop-{uuid.uuid4().hex[:8]}" if transport in ("shm", "socket") else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from moray.deploy.config import ServerConfig
+from moray.deploy.app import engine_config as from_server
+from moray.deploy.app import run_app
+from moray.deploy.serve.config import ServerConfig
+from moray.deploy.serve.network import free_port
 from moray.model.engine import EngineConfig, GenerateRequest, TokenEvent
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -42,23 +44,13 @@ class ServedApp:
         return f"{self.http_url}/v1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def engine_config(config: ServerConfig) -> EngineConfig:
-    from moray.deploy.app import engine_config as from_server
-
     return from_server(config)
 
 
 @pytest.fixture(scope="session")
 def served_app(ray_session: Any, tiny_dir: Path) -> Iterator[ServedApp]:
     from ray import serve
-
-    from moray.deploy.app import run_app
 
     config = ServerConfig(model=str(tiny_dir), served_model_name="moray-tiny-e2e", num_shards=2,
                           max_num_seqs=32, max_batch_tokens=512, max_waiting=32, api_key=None,

@@ -21,7 +21,7 @@ TIMEOUT_S = 180
 SECOND_DRIVER = """
 import json, sys
 import moray
-from moray.deploy.protocol import APIError
+from moray.deploy.api.errors import APIError
 
 client = moray.connect(sys.argv[1], app=sys.argv[2])
 done = client.generate(sys.argv[3], max_tokens=10, temperature=0)

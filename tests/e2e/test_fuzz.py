@@ -25,8 +25,14 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from moray.deploy.config import ServerConfig
-from moray.deploy.protocol import MAX_PROMPTS
+from moray.deploy.api import moray_pb2
+from moray.deploy.api.engine import LocalEngine
+from moray.deploy.api.http import create_api
+from moray.deploy.api.ingress import OpenAIIngress
+from moray.deploy.api.protocol import MAX_PROMPTS
+from moray.deploy.cli import build_parser
+from moray.deploy.cli.serve import serve_config
+from moray.deploy.serve.config import ServerConfig
 
 ServedApp = Any  # conftest's `served_app` fixture
 pytestmark = pytest.mark.slow
@@ -257,19 +263,16 @@ KEY = "sk-fuzz-" + "k" * 24
 @pytest.fixture(scope="module")
 def local_ingress(tiny_dir: Path) -> Any:
     """The real ingress over an in-process engine (no Ray), with an API key."""
-    from moray.deploy.openai import OpenAIIngress
     from moray.model.engine import AsyncEngine, EngineConfig
     from moray.model.mixtral import load_local
     from moray.model.tokenizer import Tokenizer
 
     model, experts = load_local(tiny_dir)
     engine = AsyncEngine(model, experts, Tokenizer.from_model_dir(tiny_dir), EngineConfig(max_num_seqs=2))
-    return OpenAIIngress(engine, ServerConfig(model=str(tiny_dir), api_key=KEY), str(tiny_dir))
+    return OpenAIIngress(LocalEngine(engine), ServerConfig(model=str(tiny_dir), api_key=KEY), str(tiny_dir))
 
 
 def asgi_post(ingress: Any, body: Any, headers: dict[str, str]) -> httpx.Response:
-    from moray.deploy.http import create_api
-
     async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=create_api(ingress))
         async with httpx.AsyncClient(transport=transport, base_url="http://local") as client:
@@ -299,8 +302,6 @@ def test_the_api_key_is_compared_in_constant_time(local_ingress: Any,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """HTTP and gRPC both check the key with `hmac.compare_digest`."""
     import grpc
-
-    from moray.deploy import moray_pb2
 
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
@@ -334,7 +335,5 @@ def test_the_api_key_is_compared_in_constant_time(local_ingress: Any,
 
 
 def test_the_server_binds_localhost_unless_told() -> None:
-    from moray.deploy.cli import build_parser, serve_config
-
     assert ServerConfig().host == "127.0.0.1"
     assert serve_config(build_parser("serve").parse_args(["serve"])).host == "127.0.0.1"

@@ -15,7 +15,7 @@ import grpc
 import httpx
 import pytest
 
-from moray.deploy import moray_pb2, moray_pb2_grpc
+from moray.deploy.api import moray_pb2, moray_pb2_grpc
 
 pytestmark = pytest.mark.slow
 

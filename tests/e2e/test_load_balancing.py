@@ -36,7 +36,8 @@ import httpx
 import numpy as np
 import pytest
 
-from moray.deploy.config import ServerConfig
+from moray.deploy.cli.status import format_status
+from moray.deploy.serve.config import ServerConfig
 from moray.model.engine import GenerateRequest
 from moray.model.sampling import SamplingParams
 
@@ -149,7 +150,7 @@ def _value(state: Any) -> str:
 
 def shard_rates() -> dict[str, float]:
     """Tokens/s per shard deployment (summed over its replicas), from the replicas' load reports."""
-    from moray.deploy.balance import shard_reports
+    from moray.deploy.serve.state import shard_reports
 
     return {f"expert-shard-{g}": sum(r["tokens_per_s"] for r in shard_reports(APP, f"expert-shard-{g}", 10.0))
             for g in range(NUM_SHARDS)}
@@ -157,7 +158,7 @@ def shard_rates() -> dict[str, float]:
 
 def replica_tokens(shard: str) -> dict[str, int]:
     """replica id -> tokens served so far, for every live replica of `shard`."""
-    from moray.deploy.balance import shard_reports
+    from moray.deploy.serve.state import shard_reports
 
     return {r["replica"]: r["tokens_total"] for r in shard_reports(APP, shard, 10.0)}
 
@@ -313,7 +314,7 @@ def scenario(served_app: Any, biased_dir: Path,
         timeline = Timeline()
         timeline.watch()
         load, seen = Load(url, timeline.now), dict[str, Any]()
-        status_cmd = lambda: moray("status", "--app", APP, "--stats-out", str(stats_file),  # noqa: E731
+        status_cmd = lambda: moray("status", "--json", "--app", APP, "--stats-out", str(stats_file),  # noqa: E731
                                    ray_address=served_app.ray_address)
         try:
             asyncio.run(_burst(timeline, load, status_cmd, seen))
@@ -403,6 +404,9 @@ def test_status_reports_replicas_and_token_rates(scenario: Scenario) -> None:
     assert (rates.argmax(axis=1) == HOT_EXPERT).all(), rates
     hot_rate = status["shards"][HOT]["tokens_per_s"]
     assert hot_rate > max(status["shards"][s]["tokens_per_s"] for s in COLD)
+    table = format_status(status).splitlines()  # what `moray status` prints without --json
+    hottest = table[table.index(next(line for line in table if line.startswith("LAYER"))) + 1].split()
+    assert int(hottest[1]) == HOT_EXPERT
 
 
 def test_stats_file_counts_match_the_replicas_and_the_router_bias(scenario: Scenario) -> None:

@@ -25,7 +25,8 @@ import psutil
 import pytest
 import torch
 
-from moray.deploy.config import ServerConfig
+from moray.deploy.serve.config import ServerConfig
+from moray.deploy.serve.state import shard_name
 from moray.model.engine import GenerateRequest
 from moray.model.sampling import SamplingParams
 
@@ -212,14 +213,15 @@ def test_a_shard_with_no_live_replica_fails_fast(fault_app: FaultApp, tiny_dir: 
     from ray import serve
 
     from moray.actors.placement import Placement
-    from moray.actors.transport import ShardedExperts, ShardUnavailableError
+    from moray.actors.transport import HandleLinks, ShardedExperts, ShardUnavailableError
     from moray.model.config import MixtralConfig
     from moray.model.mixtral import load_local
 
     cfg = MixtralConfig.load(tiny_dir)
-    handles = [serve.get_deployment_handle(f"expert-shard-{g}", fault_app.name) for g in range(2)]
+    handles = [serve.get_deployment_handle(shard_name(g), fault_app.name) for g in range(2)]
     timeout_s = 0.5
-    sharded = ShardedExperts(Placement.round_robin(cfg.n_layers, cfg.n_experts, 2), handles, timeout_s)
+    sharded = ShardedExperts(Placement.round_robin(cfg.n_layers, cfg.n_experts, 2), HandleLinks(handles),
+                             timeout_s)
     _, local = load_local(tiny_dir)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, cfg.dim, generator=gen)  # [T, D]
@@ -239,7 +241,7 @@ def test_a_shard_with_no_live_replica_fails_fast(fault_app: FaultApp, tiny_dir: 
     wait_replaced(fault_app.name, "expert-shard-0", victim)
     # The handles' routers learn of the replacement a moment after Serve reports it healthy: the
     # serving default (`ShardedExperts`'s own timeout) covers that gap; 0.5 s need not.
-    recovered = ShardedExperts(sharded.placement, handles)
+    recovered = ShardedExperts(sharded.placement, HandleLinks(handles))
     torch.testing.assert_close(asyncio.run(recovered(1, x, ids, gates)), want, rtol=1e-4, atol=1e-5)
 
 

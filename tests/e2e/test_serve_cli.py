@@ -18,6 +18,8 @@ import httpx
 import psutil
 import pytest
 
+from moray.deploy.serve.network import free_port
+
 pytestmark = pytest.mark.slow
 
 READY_S, EXIT_S = 90.0, 30.0
@@ -33,12 +35,6 @@ def clean_env(mark: str = "") -> dict[str, str]:
     """This environment without the session cluster's address or an API key, plus a `MARK`."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MORAY_API_KEY")}
     return {**env, "PYTHONUNBUFFERED": "1", MARK: mark or os.urandom(8).hex()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def marked(mark: str) -> list[str]:

@@ -3,7 +3,7 @@ the Dockerfile against pyproject's Ray pin; the Grafana dashboard against the me
 
 Oracles: the KubeRay v1.7.0 RayService CRD (a verbatim copy beside this file), KubeRay's own validation
 rules (ray-operator/controllers/ray/utils/validation.go), Ray Serve's `ServeDeploySchema` and
-`AutoscalingConfig`, Ray's installed sources for Serve's metric names, and a PromQL parser when installed.
+`AutoscalingConfig`, Ray's installed sources for Serve's metric names, and a PromQL parser.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ import types
 from pathlib import Path
 from typing import Any
 
+import promql_parser
 import pytest
 import ray
 import tomllib
 import yaml
 from jsonschema import Draft4Validator
+from promql_parser import VectorSelector
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
-from moray.deploy.config import ServerConfig
-from moray.deploy.metrics import METRICS, exported_names
+from moray.deploy.serve.config import ServerConfig
+from moray.deploy.serve.metrics import METRICS, exported_names
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -451,10 +453,9 @@ def test_allowed_serve_metrics_exist_in_ray(name: str) -> None:
 
 
 def test_dashboard_promql_parses() -> None:
-    parser = pytest.importorskip("promql_parser")
     for expr in dashboard_exprs():
         concrete = expr.replace("$__rate_interval", "5m").replace("$__range", "1h").replace("$app", "moray")
-        ast = parser.parse(concrete)  # raises on a syntax error
+        ast = promql_parser.parse(concrete)  # raises on a syntax error
         names: set[str] = set()
-        parser.walk(ast, lambda e, n=names: n.add(e.name) if isinstance(e, parser.VectorSelector) else None)
+        promql_parser.walk(ast, lambda e, n=names: n.add(e.name) if isinstance(e, VectorSelector) else None)
         assert names == promql_metric_names(expr), expr

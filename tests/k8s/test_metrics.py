@@ -15,8 +15,8 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
-from moray.deploy import metrics
-from moray.deploy.metrics import METRICS, exported_names
+from moray.deploy.serve import metrics
+from moray.deploy.serve.metrics import METRICS, exported_names
 
 # Tag values no other test uses, so values read back are ours alone.
 SHARD, LAYER, EXPERT = 97, 98, 5
@@ -131,7 +131,7 @@ def test_endpoint_label_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_nothing_created_at_import() -> None:
-    code = ("import moray.deploy.metrics as m; "
+    code = ("import moray.deploy.serve.metrics as m; "
             "assert not m._instances; "
             "m.get_metric('moray_waiting_requests'); assert list(m._instances) == ['moray_waiting_requests']")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,271 @@
+"""The OpenAI-compatible ingress: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
+`/v1/moray/status`, `/v1/moray/routing`, and gRPC's `Generate` / `GenerateStream` (`grpc.py`).
+
+`OpenAIIngress` admits a request (`admission.py`: limits, one engine job per prompt x choice), runs
+its choices side by side (`fanout.py`) through an `EngineClient` (`engine.py`: the dispatcher's
+Serve handle, or an engine in this process) and formats the `TokenEvent`s as OpenAI JSON or
+Server-Sent Events. It runs as the Serve ingress deployment (`deploy/app.py`; the FastAPI app,
+`http.py`, is built per replica by `__serve_build_asgi_app__`) and in process (tests, bench).
+
+Every failure is an OpenAI error body (`errors.APIError`). Each choice's first token is awaited
+before a response starts, so a request the engine refuses is a real HTTP error; an error after
+that is a `data: {"error": ...}` event before `data: [DONE]`. The handle-callable methods
+(`complete`, `complete_stream`, `chat`, `chat_stream`, `models`; `moray.connect`'s client) share
+this path with HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from moray.deploy.api import fanout
+from moray.deploy.api.admission import Admission, InFlight, parse
+from moray.deploy.api.engine import engine_client
+from moray.deploy.api.fanout import Started
+from moray.deploy.api.grpc import GrpcMixin
+from moray.deploy.api.http import create_api
+from moray.deploy.api.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    Choice,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    Job,
+    ModelCard,
+    ModelList,
+    Usage,
+    chat_logprobs,
+    chunk_dict,
+    completion_logprobs,
+    logprob_rows,
+    now,
+    usage,
+    with_token_ids,
+)
+from moray.deploy.serve.config import ServerConfig
+from moray.model.config import MixtralConfig
+from moray.model.engine import GenerateRequest, TokenEvent
+from moray.model.sampling import SamplingParams
+from moray.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class OpenAIIngress(GrpcMixin):
+    """The API front: admits requests, fans choices out to the engine, formats OpenAI JSON.
+
+    The gRPC methods (`Generate`, `GenerateStream`) come from `GrpcMixin` and use `admission`,
+    `run_jobs` and `served_model_name` from here.
+    """
+
+    def __init__(self, engine: Any, config: ServerConfig | dict[str, Any], model_dir: str) -> None:
+        self.config = config if isinstance(config, ServerConfig) else ServerConfig(**config)
+        self.engine = engine_client(engine, self.config.app_name)  # Serve passes the dispatcher's handle
+        self.served_model_name: str = self.config.served_model_name or "moray"
+        self.tokenizer = Tokenizer.from_model_dir(model_dir)
+        model_cfg = MixtralConfig.load(model_dir)
+        self.max_model_len = min(self.config.max_model_len or model_cfg.max_seq_len, model_cfg.max_seq_len)
+        self.admission = Admission(self.config, self.tokenizer, model_cfg.vocab_size, self.max_model_len)
+        self.in_flight = InFlight(self.config)
+        self._token_text: dict[int, str] = {}
+        log.info("ingress ready: model %r, context %d, api key %s", self.served_model_name,
+                 self.max_model_len, "required" if self.config.api_key else "off")
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_api(self)
+
+    def token_text(self, token_id: int) -> str:
+        if token_id not in self._token_text:
+            self._token_text[token_id] = self.tokenizer.token_text(token_id)
+        return self._token_text[token_id]
+
+    async def stream_tokens(self, prompt_ids: list[int], params: SamplingParams,
+                            request_id: str) -> AsyncIterator[TokenEvent]:
+        """One engine request's events; closing the stream early frees the engine's sequence."""
+        self.in_flight.enter()
+        try:
+            async for event in self.engine.generate(GenerateRequest(list(prompt_ids), params, request_id)):
+                yield event
+        finally:
+            self.in_flight.leave()
+
+    def _stream_of(self, job: Job) -> AsyncIterator[TokenEvent]:
+        return self.stream_tokens(job.prompt_ids, job.params, job.request_id)
+
+    async def _start(self, jobs: list[Job]) -> list[Started]:
+        return await fanout.start(jobs, self._stream_of, self.config.request_timeout_s)
+
+    async def _collect(self, jobs: list[Job]) -> list[Choice]:
+        return await fanout.collect(jobs, self._stream_of, self.config.request_timeout_s)
+
+    async def run_jobs(self, jobs: list[Job]) -> AsyncIterator[TokenEvent]:
+        """The events of `jobs` as they come (what gRPC streams)."""
+        async for _, event in fanout.merge(await self._start(jobs), self.config.request_timeout_s):
+            yield event
+
+    # ---- Serve's view ---------------------------------------------------------------------------------
+    async def status(self) -> dict[str, Any]:
+        """The dispatcher's engine stats; under Serve also what `moray status` prints: each deployment's
+        state and replica counts, each expert-shard replica's load report and per-(layer, expert) token
+        counts and rates (`moray.deploy.serve.state.app_status`)."""
+        out: dict[str, Any] = {"model": self.served_model_name, "max_model_len": self.max_model_len,
+                               "dispatcher": await self.engine.stats()}
+        app = await self.engine.app_status()
+        out.update({k: app[k] for k in ("status", "deployments", "shards", "experts") if k in app})
+        out["dispatcher"].pop("param_names", None)
+        return out
+
+    async def routing(self) -> dict[str, Any]:
+        """Tokens routed per (layer, expert) so far, summed over the expert-shard deployments, as
+        `moray.deploy.routing.live_routing` shapes them. One `token_counts()` call per shard deployment
+        reaches ONE of its replicas (each counts its own calls): with several replicas of a shard, the
+        sum holds only the replicas asked (`moray status` reads every replica)."""
+        from moray.deploy.routing import live_routing
+
+        counts, shards = await self.engine.routing_counts()  # [L][E]
+        return {**live_routing(counts), "shards": shards}
+
+    async def check_health(self) -> None:
+        """Raise unless the dispatcher can serve (HTTP 503 from /health)."""
+        await self.engine.check_health()
+
+    # ---- completions ------------------------------------------------------------------------------------
+    async def create_completion(self, req: CompletionRequest,
+                                rid: str) -> CompletionResponse | AsyncIterator[dict]:
+        jobs = self.admission.completion_jobs(req, rid)
+        if req.stream:
+            return self._completion_chunks(req, await self._start(jobs), f"cmpl-{rid}")
+        choices = await self._collect(jobs)
+        return CompletionResponse(id=f"cmpl-{rid}", model=self.served_model_name, usage=usage(choices),
+                                  choices=[self._completion_choice(req, c) for c in choices])
+
+    def _completion_choice(self, req: CompletionRequest, c: Choice) -> CompletionChoice:
+        lp = None
+        if req.logprobs is not None:
+            lp = completion_logprobs(logprob_rows(c.events), self.token_text, len(c.job.prompt_text))
+        choice = CompletionChoice(index=c.job.index, text=c.job.prompt_text + c.text, logprobs=lp,
+                                  finish_reason=c.finish_reason)
+        return with_token_ids(req, choice, c)  # type: ignore[no-any-return]
+
+    async def _completion_chunks(self, req: CompletionRequest, started: list[Started],
+                                 cid: str) -> AsyncIterator[dict]:
+        created, offsets = now(), {j.index: len(j.prompt_text) for j, _, _ in started}
+
+        def chunk(choices: list[CompletionChoice], use: Usage | None = None) -> dict:
+            return chunk_dict(CompletionChunk(id=cid, created=created, model=self.served_model_name,
+                                              choices=choices, usage=use), req.include_usage)
+
+        events = fanout.merge(started, self.config.request_timeout_s)
+        for j, _, _ in started:
+            if j.prompt_text:
+                yield chunk([CompletionChoice(index=j.index, text=j.prompt_text)])
+        seen: dict[int, Choice] = {}
+        async for c, e in events:
+            seen[c.job.index] = c
+            lp = None
+            if req.logprobs is not None:
+                lp = completion_logprobs(logprob_rows([e]), self.token_text, offsets[c.job.index])
+                offsets[c.job.index] += len(lp.tokens[0])
+            if e.text or lp is not None:
+                yield chunk([CompletionChoice(index=c.job.index, text=e.text, logprobs=lp)])
+            if e.finish_reason is not None:
+                last = CompletionChoice(index=c.job.index, text="", finish_reason=e.finish_reason)
+                yield chunk([with_token_ids(req, last, c)])
+        if req.include_usage:
+            yield chunk([], usage(list(seen.values())))
+
+    # ---- chat ---------------------------------------------------------------------------------------------
+    async def create_chat(self, req: ChatCompletionRequest,
+                          rid: str) -> ChatCompletionResponse | AsyncIterator[dict]:
+        jobs = self.admission.chat_jobs(req, rid)
+        if req.stream:
+            return self._chat_chunks(req, await self._start(jobs), f"chatcmpl-{rid}")
+        choices = await self._collect(jobs)
+        out = [self._chat_choice(req, c) for c in choices]
+        return ChatCompletionResponse(id=f"chatcmpl-{rid}", model=self.served_model_name, choices=out,
+                                      usage=usage(choices))
+
+    def _chat_choice(self, req: ChatCompletionRequest, c: Choice) -> ChatChoice:
+        lp = self._chat_logprobs(req, c.events)
+        choice = ChatChoice(index=c.job.index, message=ChatResponseMessage(content=c.text), logprobs=lp,
+                            finish_reason=c.finish_reason)
+        return with_token_ids(req, choice, c)  # type: ignore[no-any-return]
+
+    def _chat_logprobs(self, req: ChatCompletionRequest, events: Sequence[TokenEvent]) -> ChatLogprobs | None:
+        if not req.logprobs:
+            return None
+        return chat_logprobs(logprob_rows(events), self.token_text, req.top_logprobs or 0)
+
+    async def _chat_chunks(self, req: ChatCompletionRequest, started: list[Started],
+                           cid: str) -> AsyncIterator[dict]:
+        created = now()
+
+        def chunk(choices: list[ChatChunkChoice], use: Usage | None = None) -> dict:
+            return chunk_dict(ChatCompletionChunk(id=cid, created=created, model=self.served_model_name,
+                                                  choices=choices, usage=use), req.include_usage)
+
+        events = fanout.merge(started, self.config.request_timeout_s)
+        for j, _, _ in started:
+            yield chunk([ChatChunkChoice(index=j.index, delta=ChatDelta(role="assistant", content=""))])
+        seen: dict[int, Choice] = {}
+        async for c, e in events:
+            seen[c.job.index] = c
+            lp = self._chat_logprobs(req, [e])
+            if e.text or lp is not None:
+                delta = ChatDelta(content=e.text)
+                yield chunk([ChatChunkChoice(index=c.job.index, delta=delta, logprobs=lp)])
+            if e.finish_reason is not None:
+                last = ChatChunkChoice(index=c.job.index, delta=ChatDelta(), finish_reason=e.finish_reason)
+                yield chunk([with_token_ids(req, last, c)])
+        if req.include_usage:
+            yield chunk([], usage(list(seen.values())))
+
+    # ---- handle-callable entry points (moray.connect) -----------------------------------------------------
+    async def complete(self, payload: dict[str, Any], request_id: str | None = None) -> dict[str, Any]:
+        """`/v1/completions` without HTTP: the response as a dict; raises `APIError`."""
+        out = await self.create_completion(parse(CompletionRequest, {**payload, "stream": False}),
+                                           self.admission.request_id(request_id))
+        assert isinstance(out, BaseModel)
+        return out.model_dump()
+
+    async def complete_stream(self, payload: dict[str, Any],
+                              request_id: str | None = None) -> AsyncIterator[dict]:
+        """Streaming `/v1/completions` without HTTP: the chunks as dicts; raises `APIError`."""
+        out = await self.create_completion(parse(CompletionRequest, {**payload, "stream": True}),
+                                           self.admission.request_id(request_id))
+        assert not isinstance(out, BaseModel)
+        async for item in out:
+            yield item
+
+    async def chat(self, payload: dict[str, Any], request_id: str | None = None) -> dict[str, Any]:
+        """`/v1/chat/completions` without HTTP."""
+        out = await self.create_chat(parse(ChatCompletionRequest, {**payload, "stream": False}),
+                                     self.admission.request_id(request_id))
+        assert isinstance(out, BaseModel)
+        return out.model_dump()
+
+    async def chat_stream(self, payload: dict[str, Any],
+                          request_id: str | None = None) -> AsyncIterator[dict]:
+        """Streaming `/v1/chat/completions` without HTTP."""
+        out = await self.create_chat(parse(ChatCompletionRequest, {**payload, "stream": True}),
+                                     self.admission.request_id(request_id))
+        assert not isinstance(out, BaseModel)
+        async for item in out:
+            yield item
+
+    def models(self) -> dict[str, Any]:
+        name = self.served_model_name
+        card = ModelCard(id=name, root=name, max_model_len=self.max_model_len)
+        return ModelList(data=[card]).model_dump()

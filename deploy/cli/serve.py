@@ -1,0 +1,149 @@
+"""`moray serve`: check what can be checked, start (or join) Ray, run the app, stop cleanly on a signal.
+
+Everything that can fail before Ray starts (config, checkpoint, placement, GPUs, free ports) is
+checked first and reported as one line (exit code 2). SIGINT and SIGTERM shut Serve and Ray down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from moray.deploy.app import model_dir, placement, run_app
+from moray.deploy.cli.common import fail, one_line
+from moray.deploy.serve.config import ConfigError, ServerConfig
+from moray.deploy.serve.network import PortInUseError, check_port
+from moray.model.config import MixtralConfig
+from moray.model.tokenizer import Tokenizer
+
+log = logging.getLogger("moray")
+
+
+class StartupError(Exception):
+    """A problem found before anything starts; printed as one line, exit code 2."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--config", help="YAML file of ServerConfig fields; flags override it")
+    p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
+    p.add_argument("--num-shards", type=int, help="expert shards (default 2)")
+    p.add_argument("--placement", help="placement JSON from `moray plan-placement`")
+    p.add_argument("--address", help="join this Ray cluster instead of starting one")
+    p.add_argument("--autoscaling", action="store_true", default=None, help="scale replicas on token load")
+    p.add_argument("--pingpong", action="store_true", default=None, help="two micro-batches in flight")
+    p.add_argument("--max-num-seqs", type=int, help="most sequences per engine step")
+    p.add_argument("--max-waiting", type=int, help="requests allowed to wait; beyond: HTTP 429")
+    p.add_argument("--api-key", help="bearer token clients must send (default $MORAY_API_KEY)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--served-model-name", help="model id clients send")
+    p.add_argument("--verbose", action="store_true", help="stream the replicas' logs to this console")
+
+
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    names = ("model", "host", "port", "grpc_port", "num_shards", "placement", "autoscaling", "pingpong",
+             "max_num_seqs", "max_waiting", "api_key", "device", "dtype", "served_model_name")
+    return ServerConfig.load(args.config, {n: getattr(args, n) for n in names})
+
+
+def check_startup(config: Any, local: bool) -> tuple[str, Any]:
+    """Everything that can be checked before Ray starts: the checkpoint, the placement, GPUs, ports."""
+    path = model_dir(config)
+    try:
+        model = MixtralConfig.load(path)
+        Tokenizer.from_model_dir(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same one-line error
+        raise StartupError(f"cannot load checkpoint {path}: {one_line(e)}") from None
+    if not any(Path(path).glob("*.safetensors")):
+        raise StartupError(f"cannot load checkpoint {path}: no *.safetensors file")
+    try:
+        plan = placement(config, model)
+    except (ValueError, OSError) as e:
+        raise StartupError(f"placement: {one_line(e)}") from None
+    if local and config.resolved_device() == "cuda":
+        import torch
+
+        need = plan.num_shards * config.shard_min_replicas + config.dispatcher_replicas
+        have = torch.cuda.device_count()
+        if need > have:
+            raise StartupError(f"{plan.num_shards} shards and {config.dispatcher_replicas} dispatcher(s) "
+                               f"need {need} GPUs, this machine has {have}")
+    try:
+        for host, port, what in ((config.host, config.port, "HTTP"), ("0.0.0.0", config.grpc_port, "gRPC")):
+            check_port(host, port, what)
+    except PortInUseError as e:
+        raise StartupError(str(e)) from None
+    return path, plan
+
+
+def local_cpus(config: Any, num_shards: int) -> int:
+    """Logical CPUs for a local Ray: every actor's reservation at its largest replica count, or the cores.
+    `num_shards`: the placement's (a `--placement` file sets it, not `--num-shards`)."""
+    per_shard = config.shard_max_replicas if config.autoscaling else config.shard_min_replicas
+    shards = num_shards * per_shard
+    dispatchers = config.dispatcher_max_replicas if config.autoscaling else config.dispatcher_replicas
+    need = shards * config.shard_cpus + dispatchers * config.dispatcher_cpus
+    return max(os.cpu_count() or 1, int(need + 0.999))
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    try:
+        config = serve_config(args)
+        path, plan = check_startup(config, local=args.address is None)
+    except (ConfigError, StartupError) as e:
+        return fail(str(e))
+    stop = _stop_event()
+    cpus = None if args.address else local_cpus(config, plan.num_shards)
+    ray.init(address=args.address or "local", num_cpus=cpus,
+             log_to_driver=args.verbose, namespace="serve", ignore_reinit_error=True)
+    try:
+        log.info("model %s (%s), %d expert shards, device %s", config.served_model_name, path,
+                 plan.num_shards, config.resolved_device())
+        run_app(config)
+        log.info("ready: http://%s:%d/v1 (OpenAI API), gRPC on port %d; Ctrl-C stops", config.host,
+                 config.port, config.grpc_port)
+        stop.wait()
+        log.info("shutting down")
+        return 0
+    except Exception as e:  # noqa: BLE001 - a deploy failure is one line, the details are in Ray's logs
+        return fail(f"the app failed to start: {one_line(e)}")
+    finally:
+        _shutdown(config, joined=args.address is not None)
+
+
+def _stop_event() -> threading.Event:
+    """Set on the first SIGINT/SIGTERM; a second one exits at once."""
+    stop = threading.Event()
+
+    def handler(signum: int, _: Any) -> None:
+        if stop.is_set():
+            os._exit(130)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return stop
+
+
+def _shutdown(config: Any, joined: bool) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        if joined:
+            serve.delete(config.app_name)
+        else:
+            serve.shutdown()
+    except Exception as e:  # noqa: BLE001 - shutting down what may be half started
+        log.warning("serve shutdown: %s", one_line(e))
+    ray.shutdown()

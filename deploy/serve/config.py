@@ -1,0 +1,178 @@
+"""Serving options: one pydantic model, loadable from YAML, overridable from the CLI.
+
+The same fields are the `args:` of a KubeRay `serveConfigV2` application
+(`import_path: moray.deploy.app:build_app`), so `k8s/` manifests are validated against this model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    import torch
+
+TINY_MODEL_NAME = "moray-tiny"
+API_KEY_ENV = "MORAY_API_KEY"
+
+
+class ConfigError(ValueError):
+    """A server config that cannot be used; the message names the file and every bad field."""
+
+
+def _api_key_from_env() -> str | None:
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def _port(default: int, description: str) -> Any:
+    return Field(default=default, ge=1, le=65535, description=description)
+
+
+class ServerConfig(BaseModel):
+    """Everything `moray serve` and `build_app` need to know; every field is described."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- model ---
+    model: str | None = Field(
+        None, description="Local checkpoint directory (HF or Mistral layout); None = embedded tiny model.")
+    served_model_name: str | None = Field(
+        None, min_length=1,
+        description=f"Model id clients send; default: the checkpoint dir's name, or {TINY_MODEL_NAME!r}.")
+    num_shards: int = Field(2, ge=1, description="Expert shards (Serve deployments) experts are dealt to.")
+    placement: str | None = Field(
+        None, description="Placement JSON file (from `moray plan-placement`); None = round-robin.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model runs; 'auto' = cuda when a GPU is visible, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights/activations dtype; 'auto' = bfloat16 on cuda, float32 on cpu.")
+    tiny_seed: int = Field(0, description="Seed of the embedded tiny model's random weights.")
+    # --- engine ---
+    max_num_seqs: int = Field(32, ge=1, description="Most sequences running in one engine step.")
+    max_batch_tokens: int = Field(
+        1024, ge=1, description="Most tokens (prefill chunks + decodes) in one engine step.")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Longest prompt + completion in tokens; None = the model's context.")
+    block_size: int = Field(16, ge=1, description="Tokens per paged KV-cache block.")
+    max_waiting: int = Field(
+        256, ge=0, description="Requests allowed to wait for a slot; beyond it they get HTTP 429.")
+    request_timeout_s: float = Field(600.0, gt=0, description="A request unfinished after this fails.")
+    pingpong: bool = Field(
+        False, description="Two micro-batches in flight: attention of one while experts run the other.")
+    transport: Literal["auto", "socket", "ray"] = Field(
+        "auto", description="How hidden states reach the shards: the data plane ('auto': shared memory "
+                            "on a node, TCP across; 'socket': TCP always) or a Serve handle call per "
+                            "layer ('ray').")
+    # --- replicas and autoscaling ---
+    dispatcher_replicas: int = Field(
+        1, ge=1, description="Dispatcher replicas (each has its own engine and KV cache).")
+    autoscaling: bool = Field(False, description="Let Serve scale shard/dispatcher replicas on token load.")
+    shard_min_replicas: int = Field(1, ge=1, description="Fewest replicas per expert shard.")
+    shard_max_replicas: int = Field(4, ge=1, description="Most replicas per expert shard.")
+    target_tokens_per_replica_s: float = Field(
+        2000.0, gt=0, description="Expert tokens/s one shard replica carries before the autoscaler adds one.")
+    upscale_delay_s: float = Field(3.0, ge=0, description="Load must stay high this long before scale-up.")
+    downscale_delay_s: float = Field(20.0, ge=0, description="Load must stay low this long before scale-in.")
+    dispatcher_max_replicas: int = Field(1, ge=1, description="Most dispatcher replicas when autoscaling.")
+    target_seqs_per_dispatcher: int = Field(
+        32, ge=1, description="Running + waiting sequences one dispatcher replica should carry.")
+    shard_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves per expert-shard replica.")
+    dispatcher_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per dispatcher replica.")
+    # --- API surface ---
+    app_name: str = Field("moray", min_length=1, description="Serve application name.")
+    api_key: str | None = Field(
+        default_factory=_api_key_from_env, min_length=1, repr=False,
+        description=f"Bearer token clients must send (HTTP, gRPC); default ${API_KEY_ENV}; None = open.")
+    host: str = Field("127.0.0.1", min_length=1, description="HTTP bind address (0.0.0.0 to expose).")
+    port: int = _port(8000, "HTTP port.")
+    grpc_port: int = _port(9000, "gRPC port (Serve's gRPC proxy).")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="Largest HTTP request body accepted.")
+    max_n: int = Field(8, ge=1, description="Largest `n` (choices per request) accepted.")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest `max_tokens` a request may ask for.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_served_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("served_model_name") is None:
+            model = data.get("model")
+            name = Path(str(model).rstrip("/\\")).name if model else TINY_MODEL_NAME
+            data = {**data, "served_model_name": name or TINY_MODEL_NAME}
+        return data
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> ServerConfig:
+        if self.shard_min_replicas > self.shard_max_replicas:
+            raise ValueError(f"shard_min_replicas ({self.shard_min_replicas}) must be <= "
+                             f"shard_max_replicas ({self.shard_max_replicas})")
+        if self.autoscaling and self.dispatcher_replicas > self.dispatcher_max_replicas:
+            raise ValueError(f"dispatcher_replicas ({self.dispatcher_replicas}) must be <= "
+                             f"dispatcher_max_replicas ({self.dispatcher_max_replicas}) when autoscaling")
+        if self.max_batch_tokens < self.max_num_seqs:
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}): every running sequence decodes one token per step")
+        if self.port == self.grpc_port:
+            raise ValueError(f"port and grpc_port must differ (both {self.port})")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> ServerConfig:
+        """Read a flat YAML mapping of field names to values."""
+        return cls.load(os.fspath(path), {})
+
+    @classmethod
+    def load(cls, config_file: str | None, overrides: dict[str, Any]) -> ServerConfig:
+        """File values first, then `overrides` (CLI flags) on top; None overrides are ignored."""
+        values = _read_yaml(config_file) if config_file else {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            raise ConfigError(_one_line(e, config_file)) from None
+
+    def resolved_device(self) -> str:
+        """'cpu' or 'cuda'. An explicit 'cuda' is returned unchecked: the head building the app has no GPU."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> torch.dtype:
+        """The torch dtype; 'auto' is bfloat16 on cuda and float32 on cpu."""
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device() == "cuda" else torch.float32
+        dtype: torch.dtype = getattr(torch, self.dtype)
+        return dtype
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of option names to values, "
+                          f"got {type(data).__name__}")
+    return dict(data)
+
+
+def _one_line(error: ValidationError, source: str | None) -> str:
+    parts = []
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    origin = f" ({source})" if source else ""
+    return f"invalid server config{origin}: " + "; ".join(parts)
