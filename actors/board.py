@@ -10,7 +10,7 @@ Every process of a deployment reads one record and reports under its own key; on
 - `shards/<shard>/<replica>`: a shard replica's heartbeat: what it holds (`holds`, see `shard_tag`) and
   the last load error (`error`).
 - `dispatchers/<id>`: a dispatcher's heartbeat: the placement version it routes with (`version`).
-- `lock`: the coordinator's lease (`owner`, `t`).
+- `lock`: the coordinator's lease (`owner`, `t`); `last`: when a rebalance last started (`t`).
 
 A move's phases: `prepare` (shards load the experts they gain and hold old ∪ target), `commit`
 (dispatchers switch to the target between steps), `done` (the target is in force; shards free what
@@ -198,6 +198,14 @@ class PlacementBoard:
         raw = _get(self.prefix + "lock")
         if raw and json.loads(raw).get("owner") == owner:
             _delete(self.prefix + "lock")
+
+    def last_attempt(self) -> float:
+        """When a coordinator last started a rebalance on this board (wall clock; 0.0: never)."""
+        raw = _get(self.prefix + "last")
+        return float(json.loads(raw)["t"]) if raw else 0.0
+
+    def mark_attempt(self) -> None:
+        _put(self.prefix + "last", json.dumps({"t": time.time()}))
 
     def clear(self) -> None:
         from ray.experimental import internal_kv

@@ -36,7 +36,9 @@ from moray.actors.placement import Placement, gpu_loads, plan_placement
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
-Outcome = Literal["applied", "skipped", "dry-run", "aborted", "stalled", "busy", "failed"]
+Outcome = Literal["applied", "skipped", "dry-run", "aborted", "stalled", "busy", "failed", "not-due"]
+CAUSES = ("margin", "load-error", "replica-died", "timeout", "dispatcher-timeout", "busy", "no-placement")
+Failure = tuple[str, str]  # (cause, what happened)
 
 
 @dataclass(frozen=True)
@@ -146,12 +148,14 @@ class MoveResult:
     reason: str
     version: int  # the placement version in force afterwards
     plan: MovePlan | None = None
+    cause: str = ""  # why a move was not made, in a word (a metric label): see CAUSES
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds spent in prepare / commit / release
 
     def to_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"outcome": self.outcome, "reason": self.reason, "version": self.version,
-                                "seconds": round(self.seconds, 3), "phases": self.phases}
+        body: dict[str, Any] = {"outcome": self.outcome, "cause": self.cause, "reason": self.reason,
+                                "version": self.version, "seconds": round(self.seconds, 3),
+                                "phases": self.phases}
         if self.plan is not None:
             p = self.plan
             body.update(balancedness_before=p.before_overall, balancedness_after=p.after_overall,
@@ -162,16 +166,24 @@ class MoveResult:
 
 
 def rebalance(board: PlacementBoard, loads: np.ndarray, *, redundant: int, margin: float = 0.05,
-              dry_run: bool = False, slots_per_gpu: int | None = None,
-              timeouts: Timeouts = Timeouts()) -> MoveResult:
-    """Plan from `loads` [L, E] and, unless `dry_run` or the gain is below `margin`, move to the plan."""
+              dry_run: bool = False, slots_per_gpu: int | None = None, timeouts: Timeouts = Timeouts(),
+              due_s: float | None = None) -> MoveResult:
+    """Plan from `loads` [L, E] and, unless `dry_run` or the gain is below `margin`, move to the plan.
+    `due_s`: do nothing ("not-due") if any coordinator started a rebalance on this board less than
+    `due_s` ago (periodic rebalancing from several replicas)."""
     owner, t0 = uuid.uuid4().hex[:12], time.monotonic()
     if not board.try_lock(owner):
-        return _log(MoveResult("busy", "another coordinator is moving experts on this board", -1))
+        why = "another coordinator is moving experts on this board"
+        return _log(MoveResult("busy", why, -1, cause="busy"))
     try:
         state = board.read()
         if state is None:
-            return _log(MoveResult("failed", "the placement board holds no placement", -1))
+            why = "the placement board holds no placement"
+            return _log(MoveResult("failed", why, -1, cause="no-placement"))
+        if due_s is not None and not dry_run:
+            if time.time() - board.last_attempt() < due_s:
+                return MoveResult("not-due", f"a rebalance started less than {due_s:g} s ago", state.version)
+            board.mark_attempt()
         if state.active is not None:
             stuck = _recover(board, state, owner, timeouts)
             if stuck is not None:
@@ -182,7 +194,7 @@ def rebalance(board: PlacementBoard, loads: np.ndarray, *, redundant: int, margi
             return _log(MoveResult("dry-run", plan.describe(), state.version, plan))
         if plan.gain() < margin or not plan.moved:
             why = f"gain {plan.gain():+.3f} below the margin {margin:.3f}: {plan.describe()}"
-            return _log(MoveResult("skipped", why, state.version, plan))
+            return _log(MoveResult("skipped", why, state.version, plan, cause="margin"))
         result = _apply(board, state, plan, owner, timeouts)
         result.seconds = time.monotonic() - t0
         return _log(result)
@@ -203,10 +215,11 @@ def _apply(board: PlacementBoard, state: BoardState, plan: MovePlan, owner: str,
                            plan.current.num_shards)
     phases = {"prepare": time.monotonic() - t}
     if failure is not None:
-        board.write(moving.with_phase("abort", failure))
+        cause, what = failure
+        board.write(moving.with_phase("abort", what))
         _wait_shards(board, str(state.version), set(), owner, timeouts.release_s, plan.current.num_shards)
-        why = f"move to v{version} abandoned, v{state.version} stays in force: {failure}"
-        return MoveResult("aborted", why, state.version, plan, phases=phases)
+        why = f"move to v{version} abandoned, v{state.version} stays in force: {what}"
+        return MoveResult("aborted", why, state.version, plan, cause, phases=phases)
     return _commit(board, moving.with_phase("commit"), owner, timeouts, plan, phases)
 
 
@@ -221,14 +234,14 @@ def _commit(board: PlacementBoard, committed: BoardState, owner: str, timeouts: 
     if late:
         why = (f"move to v{move.version} committed but dispatchers {late} have not switched within "
                f"{timeouts.commit_s:g} s; shards keep both placements until a later rebalance finishes it")
-        return MoveResult("stalled", why, committed.version, plan, phases=phases)
+        return MoveResult("stalled", why, committed.version, plan, "dispatcher-timeout", phases=phases)
     t = time.monotonic()
     board.write(committed.with_phase("done"))
     slow = _wait_shards(board, str(move.version), set(), owner, timeouts.release_s, move.target.num_shards)
     phases["release"] = time.monotonic() - t
     if slow:
         log.warning("placement v%d in force, but not every shard replica has freed its old experts yet: %s",
-                    move.version, slow)
+                    move.version, slow[1])
     why = plan.describe() if plan is not None else "finished a move left in commit"
     return MoveResult("applied", why, move.version, plan, phases=phases)
 
@@ -257,7 +270,7 @@ def _forget_dead(board: PlacementBoard) -> None:
 
 
 def _wait_shards(board: PlacementBoard, tag: str, participants: set[str], owner: str, timeout_s: float,
-                 num_shards: int) -> str | None:
+                 num_shards: int) -> Failure | None:
     """Wait until every live shard replica holds `tag` and every shard has one; None, or why not."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -273,22 +286,23 @@ def _wait_shards(board: PlacementBoard, tag: str, participants: set[str], owner:
             return None
         if time.monotonic() > deadline:
             missing = f"shards {empty} have no live replica" if empty else f"replicas {behind} still loading"
-            return f"timed out after {timeout_s:g} s waiting for placement {tag}: {missing}"
+            return "timeout", f"timed out after {timeout_s:g} s waiting for placement {tag}: {missing}"
         time.sleep(POLL_S)
 
 
-def _shard_problem(reports: list[Report], tag: str, participants: set[str]) -> str | None:
+def _shard_problem(reports: list[Report], tag: str, participants: set[str]) -> Failure | None:
     by_name = {r.name: r for r in reports}
     for r in reports:
         error = r.body.get("error") or {}
         if r.live and error.get("tag") == tag:
-            return f"shard {r.shard} replica {r.name} could not load its experts: {error.get('message')}"
+            what = f"shard {r.shard} replica {r.name} could not load its experts: {error.get('message')}"
+            return "load-error", what
     for name in sorted(participants):
         r = by_name.get(name)
         if r is None:  # retracted: stopped on purpose (Serve scaled it down), not a failure
             participants.discard(name)
         elif not r.live:
-            return f"shard {r.shard} replica {name} stopped reporting during the move (died?)"
+            return "replica-died", f"shard {r.shard} replica {name} stopped reporting during the move (died?)"
     return None
 
 
