@@ -23,16 +23,27 @@ import logging
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from moray.actors.board import HEARTBEAT_S, PlacementBoard, routing_placement, shard_holding
 
 if TYPE_CHECKING:
-    from moray.actors.experts import ExpertShard
     from moray.actors.placement import Placement
     from moray.actors.transport import ShardedExperts
 
 log = logging.getLogger(__name__)
+
+
+class Holder(Protocol):
+    """What a shard follower needs of its replica (`ExpertShard`, which imports this module)."""
+
+    shard_id: int
+    replica: str
+
+    @property
+    def holding(self) -> Any: ...  # `experts.Holding`: .tag, .experts, .banks
+
+    def hold(self, experts: Mapping[int, Sequence[int]], tag: str = "") -> None: ...
 
 
 class _Follower:
@@ -73,7 +84,7 @@ class _Follower:
 
 
 class ShardFollower(_Follower):
-    def __init__(self, board: PlacementBoard, shard: ExpertShard) -> None:
+    def __init__(self, board: PlacementBoard, shard: Holder) -> None:
         super().__init__(board)
         self.shard = shard
         self.name = f"shard-{shard.shard_id}-{shard.replica}-board"
@@ -138,10 +149,11 @@ class DispatcherFollower(_Follower):
         self.experts: ShardedExperts | None = None
 
     def begin(self, fallback: Placement) -> tuple[int, Placement]:
-        """Register, then read the placement to start with: (version, placement); (0, fallback) if none."""
+        """Register, then read the placement to start with, (version, placement); on an empty board, put
+        `fallback` in force as version 1 first (the first dispatcher of a deployment does)."""
         self.board.report_dispatcher(self.id, {"version": None})
-        state = self.board.read()
-        version, placement = (0, fallback) if state is None else routing_placement(state)
+        state = self.board.read() or self.board.initialize(fallback)
+        version, placement = routing_placement(state)
         self.board.report_dispatcher(self.id, {"version": version})
         return version, placement
 

@@ -24,6 +24,7 @@ from moray.deploy.api.ingress import OpenAIIngress
 from moray.deploy.serve.autoscaling import autoscaling_config
 from moray.deploy.serve.config import ServerConfig
 from moray.deploy.serve.deployments import ServedDispatcher, ServedExpertShard
+from moray.deploy.serve.rebalancer import RebalancePolicy
 from moray.deploy.serve.router import shard_router_config
 from moray.deploy.serve.state import DISPATCHER, INGRESS, shard_name
 from moray.model.config import MixtralConfig
@@ -103,13 +104,14 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
     path, device = model_dir(config), config.resolved_device()
     dtype = str(config.resolved_dtype()).removeprefix("torch.")
     plan, group = placement(config, MixtralConfig.load(path)), dataplane_group(config)
+    board = group or f"serve-{config.app_name}-{uuid.uuid4().hex[:12]}"  # placement board (re-placement)
     # Each step's chunks for one shard go to its least-loaded replicas (Serve's default router would
     # often put both chunks of a step on one replica).
     shard: Any = serve.deployment(ServedExpertShard, **SHARD_OPTIONS, **_shard_scaling(config),
                                   request_router_config=shard_router_config())
     shards = [shard.options(name=shard_name(g),
                             ray_actor_options={"num_cpus": config.shard_cpus, **_gpus(config)})
-              .bind(path, g, plan.shard_experts(g), dtype=dtype, device=device, group=group)
+              .bind(path, g, plan.shard_experts(g), dtype=dtype, device=device, group=group, board=board)
               for g in range(plan.num_shards)]
     dispatcher_cpus = {"num_cpus": config.dispatcher_cpus, **_gpus(config)}
     dispatcher: Any = serve.deployment(ServedDispatcher, name=DISPATCHER, **DISPATCHER_OPTIONS,
@@ -118,8 +120,10 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
     log.info("moray app: model %s, %d expert shards, %d dispatcher replica(s), device %s, dtype %s, "
              "transport %s", path, plan.num_shards, config.dispatcher_replicas, device, dtype,
              config.transport)
+    rebalance = RebalancePolicy(config.rebalance_interval_s, config.redundant_experts,
+                                config.rebalance_margin)
     engine = dispatcher.bind(path, plan, shards, engine_config(config), dtype=dtype, device=device,
-                             transport=config.transport, group=group)
+                             transport=config.transport, group=group, board=board, rebalance=rebalance)
     return ingress.bind(engine, config, path)
 
 

@@ -35,6 +35,7 @@ COMMANDS: dict[str, Command] = {
                         "add_generate_arguments", "run_generate"),
     "status": Command("moray.deploy.cli.status", "deployments, replicas, shard tokens/s, hottest experts"),
     "plan-placement": Command("moray.deploy.cli.plan_placement", "EPLB-style placement from recorded loads"),
+    "rebalance": Command("moray.deploy.cli.rebalance", "move a running app's experts online by load"),
     "routing-report": Command("moray.deploy.cli.routing_report",
                               "router statistics and plots (Mixtral paper, sec. 5)"),
     "bench": Command("moray.deploy.bench.main", "benchmark throughput and latency (local, Ray or a server)"),

@@ -46,11 +46,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--served-model-name", help="model id clients send")
     p.add_argument("--verbose", action="store_true", help="stream the replicas' logs to this console")
+    p.add_argument("--rebalance-interval", dest="rebalance_interval_s", type=float,
+                   help="seconds between online expert re-placements (default: off; see moray rebalance)")
+    p.add_argument("--redundant-experts", type=int, help="extra expert copies per layer re-placement may add")
 
 
 def serve_config(args: argparse.Namespace) -> ServerConfig:
     names = ("model", "host", "port", "grpc_port", "num_shards", "placement", "autoscaling", "pingpong",
-             "max_num_seqs", "max_waiting", "api_key", "device", "dtype", "served_model_name")
+             "max_num_seqs", "max_waiting", "api_key", "device", "dtype", "served_model_name",
+             "rebalance_interval_s", "redundant_experts")
     return ServerConfig.load(args.config, {n: getattr(args, n) for n in names})
 
 

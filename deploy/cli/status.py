@@ -4,6 +4,9 @@
     moray status --json               # the same, in full, for scripts
     moray status --stats-out loads.json   # also the token counts for `moray plan-placement`
 
+It also prints the expert balance: mean ÷ max tokens per shard (per layer and overall) over the
+replicas' window, and the placement version the replicas hold (see `moray rebalance`).
+
 It joins the running cluster as a second Ray driver (like `moray.connect`; see
 `moray.deploy.api.client` on token authentication) and reads Serve's state through
 `moray.deploy.serve.state.app_status`: each deployment's state and replica counts, and every
@@ -26,6 +29,7 @@ import numpy as np
 
 from moray.actors.placement import save_stats
 from moray.deploy.cli.common import connect_ray, fail, one_line
+from moray.deploy.serve.rebalancer import balance_report
 from moray.deploy.serve.state import app_status
 
 
@@ -47,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         status = app_status(args.app, args.timeout)
     except (ConnectionError, LookupError, TimeoutError) as e:
         return fail(one_line(e))
+    status["balance"] = balance_report(r for s in status["shards"].values() for r in s["replicas"])
     if args.stats_out:
         if status["experts"] is None:
             return fail(f"app {args.app!r}: no expert shard reported any load yet")
@@ -75,6 +80,7 @@ def format_status(status: Mapping[str, Any], top: int = 5) -> str:
                    [[name, d["status"], d["num_replicas"], _states(d["replicas"])]
                     for name, d in status["deployments"].items()])
     lines += ["", *table(["SHARD", "REPLICAS", "TOKENS/S", "TOKENS"], _shard_rows(status["shards"]))]
+    lines += _balance_lines(status.get("balance"))
     experts = status.get("experts")
     if experts is None:
         lines += ["", "no expert shard reported any load yet"]
@@ -82,6 +88,15 @@ def format_status(status: Mapping[str, Any], top: int = 5) -> str:
         lines += ["", f"hottest experts (of {experts['num_layers']} layers x {experts['num_experts']}):",
                   *table(["LAYER", "EXPERT", "TOKENS/S", "TOKENS", "SHARE OF LAYER"], hottest(experts, top))]
     return "\n".join(lines) + "\n"
+
+
+def _balance_lines(balance: Mapping[str, Any] | None) -> list[str]:
+    """Balancedness (mean / max tokens per shard) overall and per layer, and the placement in force."""
+    if not balance:
+        return []
+    layers = " ".join(f"{b:.2f}" for b in balance["layers"])
+    return ["", f"expert balance (mean / max {balance['by']} per shard): overall {balance['overall']:.3f}, "
+                f"per layer {layers}; placement {'/'.join(balance['placement'])}"]
 
 
 def _states(replicas: Mapping[str, int]) -> str:

@@ -80,6 +80,16 @@ class ServerConfig(BaseModel):
     dispatcher_max_replicas: int = Field(1, ge=1, description="Most dispatcher replicas when autoscaling.")
     target_seqs_per_dispatcher: int = Field(
         32, ge=1, description="Running + waiting sequences one dispatcher replica should carry.")
+    # --- online expert re-placement (actors/rebalance.py) ---
+    rebalance_interval_s: float | None = Field(
+        None, gt=0, description="Seconds between online expert re-placements planned from the shards' "
+                                "token windows; None = only when asked (`moray rebalance`).")
+    redundant_experts: int = Field(
+        0, ge=0, description="Extra expert copies per layer the re-placement planner may add (each shard "
+                             "then holds up to ceil((experts + this) / shards) experts a layer).")
+    rebalance_margin: float = Field(
+        0.05, ge=0, le=1, description="Least gain in balancedness (mean / max tokens per shard) that "
+                                      "justifies a move.")
     shard_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves per expert-shard replica.")
     dispatcher_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per dispatcher replica.")
     # --- API surface ---

@@ -7,6 +7,10 @@ to Prometheus (`moray_expert_tokens_total{layer,expert,shard}`). `ServedDispatch
 `ShardedExperts.replicas` in step with Serve's live replica counts so a hot shard's rows are split
 over all its replicas (each chunk then goes to the least-loaded replica: `router.py`).
 
+Both follow the app's placement board (online expert re-placement, `actors/replacement.py`); every
+dispatcher replica carries an `AppRebalancer` (`rebalancer.py`): the balancedness gauges, `moray
+rebalance`, and moves every `rebalance_interval_s` when set.
+
 Every shard replica describes its load in `load_report()`, which is also its `record_routing_stats()`:
 Serve polls it for the routers, and `moray status` reads it from each replica actor (`state.py`).
 """
@@ -27,6 +31,7 @@ from moray.actors.experts import ExpertShard
 from moray.actors.transport import HandleLinks
 from moray.deploy.serve import metrics, state
 from moray.deploy.serve.autoscaling import TokenWindow
+from moray.deploy.serve.rebalancer import AppRebalancer, RebalancePolicy
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,8 @@ class ServedExpertShard(ExpertShard):
         rates = [[lay, e, r] for (lay, e), r in sorted(self.window.rates().items())]
         return {"shard": self.shard_id, "replica": _replica_id(), "num_layers": self.cfg.n_layers,
                 "num_experts": self.cfg.n_experts, "tokens_per_s": self.window.rate(),
-                "tokens_total": int(served.sum()), "tokens": rows, "rates": rates}
+                "tokens_total": int(served.sum()), "tokens": rows, "rates": rates,
+                "placement": self.holding.tag, "experts": self.experts, "param_bytes": self.param_bytes()}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """What Serve hands the request routers (`RunningReplica.routing_stats`)."""
@@ -91,8 +97,12 @@ def _replica_id() -> str | None:
 
 
 class ServedDispatcher(Dispatcher):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, rebalance: RebalancePolicy | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.rebalancer: AppRebalancer | None = None
+        if self.follower is not None:  # balancedness gauges always; moves every interval if configured
+            self.rebalancer = AppRebalancer(self.follower.board, rebalance or RebalancePolicy())
+            self.rebalancer.start()
         self._refresher: asyncio.Task[None] | None = None
         self._last_times = dict(vars(self.engine.times))
         self._last_calls: list[tuple[int, float]] = [(0, 0.0)] * self.experts.placement.num_shards
@@ -101,6 +111,21 @@ class ServedDispatcher(Dispatcher):
         self._ensure_refresher()
         async for event in super().generate(request):
             yield event
+
+    async def rebalance(self, dry_run: bool = False, redundant: int | None = None,
+                        margin: float | None = None) -> dict[str, Any]:
+        """Re-place the experts now from the shards' load (`moray rebalance`): the `MoveResult` as a dict."""
+        if self.rebalancer is None:
+            raise RuntimeError("this app has no placement board (built without one)")
+        result = await asyncio.to_thread(self.rebalancer.once, dry_run=dry_run, redundant=redundant,
+                                         margin=margin)
+        return result.to_dict()
+
+    def close(self) -> None:
+        rebalancer = getattr(self, "rebalancer", None)
+        if rebalancer is not None:
+            rebalancer.stop()
+        super().close()
 
     def _ensure_refresher(self) -> None:
         if self._refresher is None or self._refresher.done():

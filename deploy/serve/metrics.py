@@ -86,6 +86,13 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("moray_step_seconds", "histogram",
                "Mean time per engine step phase (attention/transport/sampling), per export interval.",
                ("phase",), _ROUND_TRIP_S),
+    MetricSpec("moray_expert_balancedness", "gauge",
+               "Mean / max tokens per expert shard over the shards' window, per layer and overall "
+               "(layer=\"all\": sum of means / sum of maxes); 1 is perfect balance.", ("layer",)),
+    MetricSpec("moray_rebalances_total", "counter",
+               "Online expert re-placements by outcome (applied, skipped, aborted, ...) and cause.",
+               ("outcome", "cause")),
+    MetricSpec("moray_placement_version", "gauge", "Version of the expert placement in force."),
 )
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
 
@@ -222,3 +229,15 @@ def observe_step(phase: str, seconds: float) -> None:
     if phase not in STEP_PHASES:
         raise ValueError(f"phase must be one of {STEP_PHASES}, got {phase!r}")
     observe("moray_step_seconds", seconds, {"phase": phase})
+
+
+def set_balancedness(layers: list[float], overall: float) -> None:
+    for layer, value in enumerate(layers):
+        set_gauge("moray_expert_balancedness", value, {"layer": layer})
+    set_gauge("moray_expert_balancedness", overall, {"layer": "all"})
+
+
+def record_rebalance(outcome: str, cause: str, version: int) -> None:
+    inc("moray_rebalances_total", tags={"outcome": outcome, "cause": cause or "-"})
+    if version > 0:
+        set_gauge("moray_placement_version", version)
