@@ -1,10 +1,10 @@
 """`moray bench`: throughput and latency of moray, in process, over Ray actors, or against a server.
 
 The modules of this package import one way: `workload` (jobs, clients, summaries) <- `measure`
-(one run, repeats, bounds) <- `report`; `targets` (in process, actors, transformers) <- `http`
-(any OpenAI server, moray's Serve app, vLLM) <- `scenarios` (online, soak, skewed) <- this module,
-which picks the systems and runs the command. `--compare` runs transformers, moray and (when
-`--vllm-python` is given) vLLM on the same prompts in one run.
+(one run, repeats, bounds) <- `report`; `hop` (one layer's hop per transport, `--hop`) <- `report`;
+`targets` (in process, actors, transformers) <- `http` (any OpenAI server, moray's Serve app, vLLM)
+<- `scenarios` (online, soak, skewed) <- this module, which picks the systems and runs the command.
+`--compare` runs transformers, moray and (when `--vllm-python` is given) vLLM on the same prompts.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from moray.deploy.bench.hop import measure_hop
 from moray.deploy.bench.http import ServeTarget, VllmTarget
 from moray.deploy.bench.measure import best_of, measure_bandwidth, model_facts, run_repeat
 from moray.deploy.bench.report import finish_report, new_report, write_outputs
@@ -28,6 +29,7 @@ from moray.deploy.bench.targets import (
     LocalTarget,
     TransformersTarget,
     engine_config,
+    ensure_ray,
     interrupt,
     stop_ray,
 )
@@ -38,22 +40,32 @@ log = logging.getLogger(__name__)
 
 
 def system_names(args: argparse.Namespace) -> list[str]:
-    """The systems this invocation measures, in the order they run (Ray's last: its daemons stay up)."""
+    """The systems this invocation measures, in the order they run (Ray's last: its daemons stay up).
+
+    moray's names: `moray-local`, `moray-actors-N`, `moray-serve-N`, with `-pingpong` (two micro-batches)
+    and `-ray` (transport "ray": a Ray call per layer instead of the data plane) as suffixes."""
     n = args.num_shards or 2
     if args.compare:
         names = args.systems.split(",") if args.systems else [
             "transformers", "transformers-eager", "moray-local", *(["vllm"] if args.vllm_python else []),
-            f"moray-actors-{n}", f"moray-actors-{n}-pingpong", f"moray-serve-{n}"]
+            f"moray-actors-{n}", f"moray-actors-{n}-ray", f"moray-actors-{n}-pingpong", f"moray-serve-{n}",
+            f"moray-serve-{n}-ray"]
         return [s.strip() for s in names if s.strip()]
-    suffix = "-pingpong" if args.pingpong else ""
+    suffix = ("-pingpong" if args.pingpong else "") + ("-ray" if args.transport == "ray" else "")
     return [f"moray-actors-{args.num_shards}{suffix}" if args.num_shards else f"moray-local{suffix}"]
+
+
+def parse_system(name: str) -> tuple[str, int, bool, str]:
+    """`moray-serve-2-pingpong-ray` -> ("serve", 2, True, "ray"); the transport is "auto" without `-ray`."""
+    parts = name.split("-")
+    pingpong, transport = "pingpong" in parts, "ray" if "ray" in parts[3:] else "auto"
+    shards = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
+    return parts[1] if len(parts) > 1 else "", shards, pingpong, transport
 
 
 def open_system(name: str, args: argparse.Namespace, model_dir: str) -> Any:
     """A target for one system name (see `system_names`)."""
-    pingpong = name.endswith("-pingpong")
-    shards = int(name.removesuffix("-pingpong").rsplit("-", 1)[1]) if name.startswith("moray-") and \
-        not name.startswith("moray-local") else 0
+    _, shards, pingpong, transport = parse_system(name)
     if name.startswith("transformers"):  # "transformers": its default experts code; "transformers-eager"
         return TransformersTarget(model_dir, name.partition("-")[2] or None)
     if name == "vllm":
@@ -62,9 +74,10 @@ def open_system(name: str, args: argparse.Namespace, model_dir: str) -> Any:
         return LocalTarget(model_dir, engine_config(args, pingpong))
     if name.startswith("moray-actors-"):
         return ActorsTarget(model_dir, shards, engine_config(args, pingpong), args.threads or
-                            max(1, (os.cpu_count() or 1) // shards))
+                            max(1, (os.cpu_count() or 1) // shards), transport=transport)
     if name.startswith("moray-serve-"):
-        return ServeTarget(model_dir, shards, max(args.concurrency), pingpong, not args.no_logprobs)
+        return ServeTarget(model_dir, shards, max(args.concurrency), pingpong, not args.no_logprobs,
+                           transport=transport)
     raise ValueError(f"unknown system {name!r}")
 
 
@@ -87,6 +100,18 @@ def run_offline(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
             Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
     finish_report(report, facts, touched)
     stop_ray()
+    return report
+
+
+def run_hop(args: argparse.Namespace) -> dict[str, Any]:
+    """`--hop`: a report whose `hop` table has p50/p90/p99 µs per transport and row count."""
+    report = new_report(args, None)
+    report["workload"] = None
+    ensure_ray(2.0)
+    try:
+        report["hop"] = measure_hop(iters=args.num_requests or 300)
+    finally:
+        stop_ray()
     return report
 
 
@@ -118,6 +143,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode = p.add_argument_group("mode (one of)")
     mode.add_argument("--local", action="store_true", help="the engine in this process (the default)")
     mode.add_argument("--num-shards", type=int, default=0, help="through N expert-shard Ray actors")
+    mode.add_argument("--hop", action="store_true",
+                      help="one layer's hop, dispatcher -> 2 shards -> back, per transport (Serve, Ray, "
+                           "shared memory, TCP) at 1/16/64/256 rows x dim 1024 fp32")
     mode.add_argument("--url", help="a running OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     mode.add_argument("--compare", action="store_true",
                       help="transformers, moray in process, over N actors (off/on ping-pong), served, vLLM")
@@ -132,6 +160,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=0, help="requests per level (default: = concurrency)")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="engine token budget per step")
     p.add_argument("--pingpong", action="store_true", help="two micro-batches in flight")
+    p.add_argument("--transport", choices=["auto", "socket", "ray"], default="auto",
+                   help="with --num-shards: the data plane (auto / socket) or a Ray call per layer (ray)")
     p.add_argument("--repeats", type=int, default=1, help="runs per system and level; the fastest is kept")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="FRACTION",
                    help="before each run, wait until the CPUs are at most this busy (0: do not wait)")
@@ -162,9 +192,9 @@ def resolve_model(args: argparse.Namespace) -> str:
 
 def check_args(args: argparse.Namespace) -> str | None:
     modes = [args.local, bool(args.num_shards), bool(args.url) and not args.soak, args.compare,
-             bool(args.scenario), bool(args.soak)]
+             bool(args.scenario), bool(args.soak), args.hop]
     if sum(modes) > 1:
-        return "choose one of --local, --num-shards, --url, --compare, --scenario, --soak"
+        return "choose one of --local, --num-shards, --url, --compare, --scenario, --soak, --hop"
     if args.soak and not args.url:
         return "--soak needs --url (a running server)"
     if args.model and args.preset:
@@ -181,7 +211,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, interrupt)  # Ray's handler would leave actors and vLLM running
     for noisy in ("moray.model.engine", "moray.actors.runtime", "moray.model.tiny", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # per-request lines would drown the tables
-    if args.soak:
+    if args.hop:
+        report = run_hop(args)
+    elif args.soak:
         report = run_soak(args)
     elif args.url:
         report = run_online(args)

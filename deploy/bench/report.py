@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moray.deploy.bench.hop import hop_markdown
 from moray.deploy.bench.measure import _read, bound
 
 
@@ -125,6 +126,8 @@ def header(report: dict[str, Any]) -> str:
                    f"{model['n_experts']} experts (top-{model['top_k']}), {model['n_heads']} heads / "
                    f"{model['n_kv_heads']} KV heads, {model['weight_bytes'] / 1e9:.2f} GB fp32.")
     w = report["workload"]
+    if w is None:  # --hop: no requests
+        return "\n".join(out) + "\n"
     out.append(f"Workload: prompt {w['prompt_len']} tokens, output {w['output_len']} tokens, greedy, "
                f"requests per level {w['num_requests']}.")
     return "\n".join(out) + "\n"
@@ -144,7 +147,9 @@ def soak_markdown(soak: dict[str, Any]) -> str:
 def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> None:
     import sys
 
-    text = header(report) + "\n" + markdown(report)
+    text = header(report) + "\n" + (markdown(report) if report["runs"] else "")
+    if report.get("hop"):
+        text += hop_markdown(report["hop"]) + "\n"
     if report.get("soak"):
         text += "\n" + soak_markdown(report["soak"])
     notes = report.get("notes") or []

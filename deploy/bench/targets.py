@@ -88,12 +88,13 @@ class ActorsTarget:
     """The expert-parallel runtime on Ray actors (`start_runtime`): a dispatcher and N shards."""
 
     def __init__(self, model_dir: str, num_shards: int, engine_config: Any, threads: int,
-                 placement: Any = None) -> None:
+                 placement: Any = None, transport: str = "auto") -> None:
         from moray.actors.runtime import RuntimeOptions, start_runtime
 
         ensure_ray(1.0 + 0.5 * (placement.num_shards if placement else num_shards))
+        options = RuntimeOptions(threads=threads, transport=transport)  # type: ignore[arg-type]
         self.runtime = start_runtime(model_dir, num_shards, engine_config, placement=placement,
-                                     options=RuntimeOptions(threads=threads))
+                                     options=options)
 
     async def stream(self, job: Job) -> AsyncIterator[int]:
         async for _ in self.runtime.stream(generate_request(job)):

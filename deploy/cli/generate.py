@@ -40,6 +40,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--num-shards", type=int, default=0, help="0: in this process; N: N expert-shard actors")
+    p.add_argument("--transport", choices=["auto", "socket", "ray"], default="auto",
+                   help="with --num-shards: the data plane (auto: shared memory on a node, TCP across; "
+                        "socket: TCP) or a Ray actor call per layer (ray)")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -52,8 +55,11 @@ def run_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     request = GenerateRequest(tokenizer.encode(args.prompt, bos=True), params)
     engine_config = EngineConfig(max_num_seqs=1)
-    stream = _local_stream if args.num_shards == 0 else _ray_stream
-    asyncio.run(_print_stream(stream(path, args.num_shards, engine_config, request)))
+    if args.num_shards == 0:
+        events = _local_stream(path, engine_config, request)
+    else:
+        events = _ray_stream(path, args.num_shards, args.transport, engine_config, request)
+    asyncio.run(_print_stream(events))
     return 0
 
 
@@ -64,7 +70,7 @@ async def _print_stream(events: Any) -> None:
     sys.stdout.write("\n")
 
 
-async def _local_stream(path: str, _: int, engine_config: Any, request: Any) -> Any:
+async def _local_stream(path: str, engine_config: Any, request: Any) -> Any:
     from moray.model.engine import AsyncEngine
     from moray.model.mixtral import load_local
     from moray.model.tokenizer import Tokenizer
@@ -75,13 +81,13 @@ async def _local_stream(path: str, _: int, engine_config: Any, request: Any) -> 
         yield event
 
 
-async def _ray_stream(path: str, num_shards: int, engine_config: Any, request: Any) -> Any:
+async def _ray_stream(path: str, num_shards: int, transport: Any, engine_config: Any, request: Any) -> Any:
     import ray
 
-    from moray.actors.runtime import start_runtime
+    from moray.actors.runtime import RuntimeOptions, start_runtime
 
     ray.init(address="local", log_to_driver=False)
-    runtime = start_runtime(path, num_shards, engine_config)
+    runtime = start_runtime(path, num_shards, engine_config, options=RuntimeOptions(transport=transport))
     try:
         async for event in runtime.stream(request):
             yield event
