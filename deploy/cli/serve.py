@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="join this Ray cluster instead of starting one")
     p.add_argument("--autoscaling", action="store_true", default=None, help="scale replicas on token load")
     p.add_argument("--pingpong", action="store_true", default=None, help="two micro-batches in flight")
+    p.add_argument("--transport", choices=["auto", "socket", "ray"],
+                   help="how each layer's rows reach the shards: the data plane (auto: shared memory on a "
+                        "node, TCP across; socket: TCP always) or a Serve call per layer (ray); default auto")
     p.add_argument("--max-num-seqs", type=int, help="most sequences per engine step")
     p.add_argument("--max-waiting", type=int, help="requests allowed to wait; beyond: HTTP 429")
     p.add_argument("--api-key", help="bearer token clients must send (default $MORAY_API_KEY)")
@@ -53,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def serve_config(args: argparse.Namespace) -> ServerConfig:
     names = ("model", "host", "port", "grpc_port", "num_shards", "placement", "autoscaling", "pingpong",
+             "transport",
              "max_num_seqs", "max_waiting", "api_key", "device", "dtype", "served_model_name",
              "rebalance_interval_s", "redundant_experts")
     return ServerConfig.load(args.config, {n: getattr(args, n) for n in names})
