@@ -56,13 +56,13 @@ def chunked_logits(model: Mixtral, experts: object, tokens: list[int], chunks: l
     return torch.cat(out)
 
 
-def test_prefill_chunks_of_1_7_and_all_give_the_same_logits(tiny_dir: Path) -> None:
+def test_prefill_chunks_of_1_7_and_all_give_the_same_logits(tiny_dir: Path, device: torch.device) -> None:
     tokens = prompt(75, seed=1)  # past one attention key block (64)
-    model, experts = load_local(tiny_dir, deterministic=True)
+    model, experts = load_local(tiny_dir, device=device, deterministic=True)
     whole = chunked_logits(model, experts, tokens, [75])
     assert torch.equal(chunked_logits(model, experts, tokens, [7] * 10 + [5]), whole)
     assert torch.equal(chunked_logits(model, experts, tokens, [1] * 75), whole)
-    fast_model, fast_experts = load_local(tiny_dir)
+    fast_model, fast_experts = load_local(tiny_dir, device=device)
     fast = chunked_logits(fast_model, fast_experts, tokens, [75])
     assert (whole - fast).abs().max().item() <= 1e-4  # the same model, summed in another order
 
