@@ -1,6 +1,8 @@
 """`moray bench` against a running server (`--url`), its soak (`--soak`: RSS of every Ray process every
 `--sample-interval` s) and the skewed-router scenario (`--scenario skewed`: round-robin against planned
-placement over actors, then Serve with autoscaling off, on, and with the planned placement).
+placement over actors, then Serve with autoscaling off, on, with the planned placement, with online
+re-placement after a warm-up, and with autoscaling and periodic re-placement together; `--systems`
+picks a subset by name).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ SKEW_STRENGTH = 4.0  # router logits added to the hot expert (make_tiny's router
 
 
 SKEW_TARGET_TOKENS_S = 500.0  # autoscaling target per shard replica in the skewed scenario
+REBALANCE_INTERVAL_S = 10.0  # periodic re-placement in "serve autoscaling + re-placement"
 
 
 def run_online(args: argparse.Namespace) -> dict[str, Any]:
@@ -185,19 +188,56 @@ def run_skewed(args: argparse.Namespace) -> dict[str, Any]:
                                                      **scale)),
         ("serve planned", lambda: ServeTarget(model_dir, shards, max(levels), args.pingpong, True,
                                               placement=str(plan_file))),
+        ("serve re-placement", lambda: ServeTarget(model_dir, shards, max(levels), args.pingpong, True,
+                                                   redundant_experts=shards)),
+        ("serve autoscaling + re-placement", lambda: ServeTarget(
+            model_dir, shards, max(levels), args.pingpong, True, redundant_experts=shards,
+            rebalance_interval_s=REBALANCE_INTERVAL_S, **scale)),
     ]
-    report["notes"] = []
-    for name, factory in systems:
+    wanted = {n.strip() for n in args.systems.split(",")} if args.systems else None
+    report["notes"], report["rebalance"] = [], {}
+    for name, factory in [(n, f) for n, f in systems if wanted is None or n in wanted]:
         target = factory()
         try:
+            if name.endswith("re-placement"):
+                report["rebalance"][name] = _warm_and_move(target, args, facts, max(levels))
             _run_levels(report, name, target, args, facts, n_jobs)
             if isinstance(target, ServeTarget):
-                report["notes"].append(f"{name}: replicas at the end {target.replicas()}")
+                report["notes"].append(f"{name}: replicas at the end {target.replicas()}; "
+                                       f"{_balance_note(target)}")
         finally:
             target.close()
     finish_report(report, facts, {})
     stop_ray()
     return report
+
+
+def _warm_and_move(target: Any, args: argparse.Namespace, facts: dict[str, Any], c: int) -> dict[str, Any]:
+    """One warm-up run (it fills the shards' token windows), then one online re-placement, as `moray
+    rebalance` asks for it; the move's outcome, balancedness before/after and time."""
+    from ray import serve
+
+    from moray.deploy.serve.state import DISPATCHER
+
+    run_repeat(target, args, c, "warm-up", facts, 0, default_n=4 * c)
+    handle = serve.get_deployment_handle(DISPATCHER, target.config.app_name)
+    move: dict[str, Any] = handle.rebalance.remote().result(timeout_s=600)
+    log.info("bench: re-placement %s in %.1f s: %s", move["outcome"], move["seconds"], move["reason"])
+    keep = ("outcome", "cause", "reason", "version", "seconds", "phases", "balancedness_before",
+            "balancedness_after", "layers_before", "layers_after")
+    return {**{k: move.get(k) for k in keep}, "moved": len(move.get("moved", []))}
+
+
+def _balance_note(target: Any) -> str:
+    """Balancedness (mean / max tokens per shard) over the shards' window, from their own reports."""
+    from moray.deploy.serve.rebalancer import balance_report, shard_reports
+
+    balance = balance_report(shard_reports(target.config.app_name))
+    if balance is None:
+        return "no shard load reported"
+    layers = ", ".join(f"{b:.2f}" for b in balance["layers"])
+    return (f"balancedness at the end {balance['overall']:.3f} (per layer {layers}; by {balance['by']}), "
+            f"placement {'/'.join(balance['placement'])}")
 
 
 def _run_levels(report: dict[str, Any], name: str, target: Any, args: argparse.Namespace,
