@@ -245,3 +245,23 @@ def _settle(rt: Runtime, tag: str, timeout_s: float = 20.0) -> None:
     raise AssertionError(f"shards did not settle on placement {tag}")
 
 
+
+
+def test_periodic_rebalancing_moves_once_per_interval(ray_session: Any) -> None:
+    """Several replicas running the periodic loop: the board's `last` record lets one move per interval;
+    a second coordinator is refused while the first holds the lock."""
+    from moray.actors.rebalance import rebalance
+
+    board = PlacementBoard(f"periodic-{os.getpid()}")
+    board.initialize(Placement.round_robin(2, 4, 4))
+    loads = np.ones((2, 4))
+    try:
+        first = rebalance(board, loads, redundant=0, due_s=60.0)
+        assert first.outcome == "skipped" and first.cause == "margin"  # balanced already: nothing to move
+        assert rebalance(board, loads, redundant=0, due_s=60.0).outcome == "not-due"
+        assert rebalance(board, loads, redundant=0, dry_run=True).outcome == "dry-run"
+        assert board.try_lock("someone else")
+        busy = rebalance(board, loads, redundant=0)
+        assert busy.outcome == "busy" and busy.cause == "busy"
+    finally:
+        board.clear()
