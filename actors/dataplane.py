@@ -82,6 +82,16 @@ class DataPlane:
                     self._close(c)
             self.table[shard] = keep
 
+    def _release_drained(self) -> None:
+        """Close draining channels with no call in flight now, so an idle dispatcher does not hold a
+        stopping replica's drain (no new call goes to a draining channel anyway)."""
+        for shard, row in enumerate(self.table):
+            done = [c for c in row if c.draining and not c.in_flight]
+            for c in done:
+                self._close(c)
+            if done:
+                self.table[shard] = [c for c in row if c not in done]
+
     def _admit(self, shard: int) -> None:
         joining = [c for c in self.pending if c.endpoint.shard == shard]
         if joining:
@@ -106,6 +116,7 @@ class DataPlane:
                 await self.refresh()
             except Exception as e:  # noqa: BLE001 - the GCS restarting; try again next round
                 log.warning("data-plane discovery failed: %s", e)
+            self._release_drained()
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), DISCOVER_S)
@@ -126,8 +137,7 @@ class DataPlane:
             await self._connect(endpoint)
 
     def _too_soon(self, replica: str) -> bool:
-        first, last = self._failing.get(replica, (0.0, 0.0))
-        return time.monotonic() - last < RETRY_CONNECT_S
+        return time.monotonic() - self._failing.get(replica, (0.0, 0.0))[1] < RETRY_CONNECT_S
 
     async def _connect(self, endpoint: Endpoint) -> None:
         shared = self.transport == "auto" and endpoint.node == self.node
