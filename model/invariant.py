@@ -127,20 +127,54 @@ class RowTiler:
         return ids, gates
 
 
-def invariant_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch
-) -> torch.Tensor:
+class InvariantAttention:
     """Causal attention (as layers.paged_attention) whose result for a query depends only on the query
-    and its sequence's cached keys/values: q [T, H, d] -> [T, H, d]."""
-    tables = batch.block_tables[batch.seq_index]  # [T, nb]: each token's own block table
+    and its sequence's cached keys/values. On CPU, rows go in unpadded chunks of up to
+    `CPU_ATTENTION_ROWS` once a probe on random rows finds them computed exactly as alone (measured
+    here: the batched GEMMs' entries do not depend on the batch count); else in padded `ROW_TILE`s."""
 
-    def one(q: torch.Tensor, pos: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor]:
-        return (_attend_tile(q, pos, tables, k_cache, v_cache),)
+    def __init__(self) -> None:
+        self._unpadded: dict[tuple[object, ...], bool] = {}  # (shapes, dtype) -> chunks agree with alone
 
-    on_cpu = q.device.type == "cpu"
-    tile = CPU_ATTENTION_ROWS if on_cpu else ROW_TILE
-    (out,) = by_row_tiles(one, q, batch.positions, tables, tile=tile, pad=not on_cpu)
-    return out
+    def __call__(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch
+    ) -> torch.Tensor:
+        """q [T, H, d]; k_cache/v_cache [num_blocks, bs, K, d] -> [T, H, d]."""
+        tables = batch.block_tables[batch.seq_index]  # [T, nb]: each token's own block table
+
+        def one(q: torch.Tensor, pos: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor]:
+            return (_attend_tile(q, pos, tables, k_cache, v_cache),)
+
+        unpadded = q.device.type == "cpu" and self._chunks_agree(q, k_cache)
+        tile = CPU_ATTENTION_ROWS if unpadded else ROW_TILE
+        (out,) = by_row_tiles(one, q, batch.positions, tables, tile=tile, pad=not unpadded)
+        return out
+
+    def _chunks_agree(self, like_q: torch.Tensor, like_cache: torch.Tensor) -> bool:
+        key = (tuple(like_q.shape[1:]), tuple(like_cache.shape[1:]), like_q.dtype)
+        if key not in self._unpadded:
+            self._unpadded[key] = _probe_chunks(like_q, like_cache)
+        return self._unpadded[key]
+
+
+def _probe_chunks(like_q: torch.Tensor, like_cache: torch.Tensor) -> bool:
+    """Do chunks of 64 and of 5 random rows (positions over 3 key blocks) compute each row as alone?"""
+    g = torch.Generator().manual_seed(0)
+    rows, span, bs = CPU_ATTENTION_ROWS, 3 * KEY_BLOCK, like_cache.shape[1]
+    nb = -(-span // bs)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(like_q.device, like_q.dtype)
+
+    k, v = rand(nb, *like_cache.shape[1:]), rand(nb, *like_cache.shape[1:])
+    q, pos = rand(rows, *like_q.shape[1:]), torch.randint(0, span, (rows,), generator=g)
+    tables = torch.arange(nb).expand(rows, nb).contiguous().to(like_q.device)
+    pos = pos.to(like_q.device)
+    alone = torch.cat(
+        [_attend_tile(q[i : i + 1], pos[i : i + 1], tables[i : i + 1], k, v) for i in range(rows)]
+    )
+    five = _attend_tile(q[7:12], pos[7:12], tables[7:12], k, v)
+    return torch.equal(_attend_tile(q, pos, tables, k, v), alone) and torch.equal(five, alone[7:12])
 
 
 def _attend_tile(

@@ -16,7 +16,7 @@ import torch
 
 from moray.model.config import MixtralConfig
 from moray.model.experts import LocalExperts
-from moray.model.invariant import RowTiler, invariant_attention
+from moray.model.invariant import InvariantAttention, RowTiler
 from moray.model.kv_cache import KVCache
 from moray.model.layers import (
     StepBatch,
@@ -63,7 +63,7 @@ class Mixtral(torch.nn.Module):
         tiles = RowTiler()
         self._linear = tiles.linear if deterministic else linear
         self._norm = tiles.rms_norm if deterministic else rms_norm
-        self._attend = invariant_attention if deterministic else paged_attention
+        self._attend = InvariantAttention() if deterministic else paged_attention
         self._route = tiles.route if deterministic else route
         expert_names = [n for n in weights if ".experts." in n]
         if expert_names:

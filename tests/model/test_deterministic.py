@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, RequestError, TokenEvent
 from moray.model.experts import ExpertBank, split_by_shard
-from moray.model.invariant import RowTiler
+from moray.model.invariant import ROW_TILE, InvariantAttention, RowTiler, _attend_tile, by_row_tiles
 from moray.model.kv_cache import KVCache
-from moray.model.layers import StepBatch, pack_linear
+from moray.model.layers import StepBatch, pack_linear, paged_attention
 from moray.model.mixtral import Mixtral, load_local
 from moray.model.sampling import SamplingParams
 from moray.model.tokenizer import Tokenizer
@@ -226,3 +226,25 @@ def test_deterministic_shards_add_up_to_one_bank_bit_for_bit(tiny_dir: Path) -> 
         y.index_add_(0, rows, bank(x[rows], sid, sg))
     whole = ExpertBank.from_weights(tensors, 1, range(8), 8, deterministic=True)
     assert torch.equal(y, whole(x, ids, gates))
+
+
+def test_invariant_attention_padded_and_unpadded_tiles_agree() -> None:
+    """The CPU path (unpadded chunks, after its probe) and the padded ROW_TILE path used elsewhere give
+    the same bits, and both the eager attention's values."""
+    g = torch.Generator().manual_seed(0)
+    kc = torch.randn(64, 4, 2, 16, generator=g)  # [blocks, bs, K, d]
+    vc = torch.randn(64, 4, 2, 16, generator=g)
+    prefill = StepBatch.for_sequence(list(range(70)), 0, list(range(18)), 4)
+    decode = StepBatch.for_sequence([5], 150, list(range(18, 56)), 4)
+    attend = InvariantAttention()
+    for batch in (prefill, decode):
+        q = torch.randn(batch.tokens.shape[0], 4, 16, generator=g)  # [T, H, d]
+        tables = batch.block_tables[batch.seq_index]
+
+        def one(q: torch.Tensor, pos: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor]:
+            return (_attend_tile(q, pos, tables, kc, vc),)
+
+        (padded,) = by_row_tiles(one, q, batch.positions, tables, tile=ROW_TILE, pad=True)
+        assert torch.equal(attend(q, kc, vc, batch), padded)
+        assert (padded - paged_attention(q, kc, vc, batch)).abs().max().item() <= 1e-5
+    assert len(attend._unpadded) == 1  # probed once (True here: the fast path; False falls back to tiles)
