@@ -1,5 +1,6 @@
 """`moray serve` as users run it: a subprocess with its own Ray, ready in time, answering, an API key,
-a clean exit on SIGINT with no process left behind; startup errors as one line and exit code 2."""
+a clean exit on SIGINT with no process left behind; startup errors as one line and exit code 2; and
+what it listens on (psutil over its whole process tree): loopback only unless told otherwise."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import psutil
 import pytest
 
+from moray.deploy.api import moray_pb2, moray_pb2_grpc
 from moray.deploy.serve.network import free_port
 
 pytestmark = pytest.mark.slow
@@ -104,8 +107,30 @@ class Server:
                 psutil.Process(pid).kill()
 
 
+def shm_entries() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def channel_mappings(tree: set[tuple[int, float]]) -> dict[str, int]:
+    """Per process of the tree (named by its Ray title): its mappings of data-plane memfds."""
+    found = {}
+    for pid, created in tree:
+        if not alive((pid, created)):
+            continue
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            title = psutil.Process(pid).cmdline()[0]
+        except (OSError, psutil.NoSuchProcess, IndexError):
+            continue
+        if "memfd:moray-channel" in maps:
+            found[title] = maps.count("memfd:moray-channel")
+    return found
+
+
 def test_serve_starts_answers_and_stops_clean() -> None:
-    """No --model: the embedded tiny model. An API key guards /v1, not /health."""
+    """No --model: the embedded tiny model. An API key guards /v1, not /health. The dispatcher reaches
+    the shards over shared memory that never has a name: nothing appears in /dev/shm, ever."""
+    shm_before = shm_entries()
     port, grpc_port, key = free_port(), free_port(), "k-" + os.urandom(8).hex()
     server = Server(["--port", str(port), "--grpc-port", str(grpc_port), "--num-shards", "2",
                      "--api-key", key])
@@ -118,10 +143,16 @@ def test_serve_starts_answers_and_stops_clean() -> None:
                         timeout=60)
         assert ok.status_code == 200, ok.text
         assert ok.json()["usage"]["completion_tokens"] >= 1
+        server.track()
+        mapped = channel_mappings(server.tree)  # the dispatcher and both shards map the channels' memfds
+        assert any("dispatcher" in title for title in mapped), mapped
+        assert sum("expert-shard" in title for title in mapped) == 2, mapped
+        assert shm_entries() == shm_before
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             denied = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=60)
             assert denied.status_code == 401 and denied.json()["error"]["code"] == 401
         assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
+        assert grpc_generate(f"127.0.0.1:{grpc_port}", key).usage.completion_tokens >= 1
         # /health can answer a moment before `serve.run` returns and the CLI logs its ready line.
         deadline = time.monotonic() + 30
         while not any("ready" in line and str(port) in line for line in server.lines):
@@ -129,6 +160,8 @@ def test_serve_starts_answers_and_stops_clean() -> None:
             time.sleep(0.2)
         server.track()
         assert server.tree, "moray serve started no child processes?"
+        api = [(ip, p) for ip, p, _ in listeners(server.proc.pid) if p in (port, grpc_port)]
+        assert {p for _, p in api} == {port, grpc_port} and all(is_loopback_ip(ip) for ip, _ in api), api
         os.kill(server.proc.pid, signal.SIGINT)
         start = time.monotonic()
         rc = server.proc.wait(timeout=EXIT_S)
@@ -139,6 +172,7 @@ def test_serve_starts_answers_and_stops_clean() -> None:
             time.sleep(0.2)
         assert not marked(server.mark), f"processes left behind: {marked(server.mark)}"
         assert not [p for p in server.tree if alive(p)]
+        assert shm_entries() == shm_before
     finally:
         server.kill()
 
@@ -206,3 +240,102 @@ def test_make_tiny_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     cfg = MixtralConfig.load(tmp_path / "ckpt")
     assert (cfg.n_layers, cfg.n_experts) == (2, 4)
     assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) == 2
+
+
+# ---- what listens where --------------------------------------------------------------------------------
+def listeners(pid: int) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket of `pid` and its descendants."""
+    found = set()
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            found |= {(c.laddr.ip, c.laddr.port, p.name()) for c in p.net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def is_loopback_ip(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return bool((mapped or address).is_loopback)
+
+
+def machine_ip() -> str:
+    """An IPv4 address of this machine that is not loopback."""
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.family == socket.AF_INET and not is_loopback_ip(a.address):
+                return str(a.address)
+    pytest.skip("this machine has no non-loopback IPv4 address")
+
+
+def grpc_generate(target: str, key: str | None) -> moray_pb2.GenerateReply:
+    metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    with grpc.insecure_channel(target) as channel:
+        stub = moray_pb2_grpc.MorayStub(channel)
+        request = moray_pb2.GenerateRequest(prompt="Hello", max_tokens=2, temperature=0.0)
+        reply: moray_pb2.GenerateReply = stub.Generate(request, metadata=metadata, timeout=60)
+        return reply
+
+
+def moray_warnings(server: Server) -> list[str]:
+    """moray's own warning lines (Ray prints warnings of its own)."""
+    return [line for line in server.lines if line.startswith("moray: warning")]
+
+
+def started(args: list[str], port: int, host: str = "127.0.0.1") -> Server:
+    """`moray serve --port PORT ARGS`, healthy and past its ready line."""
+    server = Server(["--port", str(port), "--num-shards", "2", *args])
+    server.wait_ready(f"http://{host}:{port}/health")
+    deadline = time.monotonic() + 30
+    while not any("ready:" in line for line in server.lines):
+        assert time.monotonic() < deadline, server.lines
+        time.sleep(0.2)
+    return server
+
+
+def test_default_flags_listen_on_loopback_only() -> None:
+    """No gRPC unless asked for; HTTP and every socket of the local Ray on 127.0.0.1; no warning."""
+    port = free_port()
+    server = started([], port)
+    try:
+        found = listeners(server.proc.pid)
+        exposed = sorted(f"{ip}:{p} ({name})" for ip, p, name in found if not is_loopback_ip(ip))
+        print(f"\nmoray serve, default flags: {len(found)} listening sockets, none beyond loopback")
+        assert exposed == [], f"listening beyond loopback: {exposed}"
+        assert {p for _, p, _ in found} >= {port} and 9000 not in {p for _, p, _ in found}
+        ready = next(line for line in server.lines if "ready:" in line)
+        assert f"http://127.0.0.1:{port}/v1" in ready and "gRPC off" in ready and "loopback" in ready
+        assert not moray_warnings(server)
+    finally:
+        server.kill()
+
+
+def test_exposed_with_a_key_answers_elsewhere_and_refuses_without() -> None:
+    ip, port, grpc_port, key = machine_ip(), free_port(), free_port(), "k-" + os.urandom(8).hex()
+    server = started(["--host", "0.0.0.0", "--grpc-port", str(grpc_port), "--api-key", key], port, ip)
+    try:
+        models = f"http://{ip}:{port}/v1/models"
+        assert httpx.get(models, headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code == 200
+        assert httpx.get(models, timeout=30).status_code == 401
+        assert grpc_generate(f"{ip}:{grpc_port}", key).usage.completion_tokens >= 1
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_generate(f"{ip}:{grpc_port}", None)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert not moray_warnings(server)
+    finally:
+        server.kill()
+
+
+def test_exposed_without_a_key_warns_once() -> None:
+    port = free_port()
+    server = started(["--host", "0.0.0.0"], port)
+    try:
+        warnings = moray_warnings(server)
+        assert len(warnings) == 1 and "0.0.0.0" in warnings[0] and "API key" in warnings[0], server.lines
+    finally:
+        server.kill()
