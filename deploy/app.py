@@ -51,7 +51,8 @@ def model_dir(config: ServerConfig) -> str:
 def engine_config(config: ServerConfig) -> EngineConfig:
     return EngineConfig(max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens,
                         max_model_len=config.max_model_len, block_size=config.block_size,
-                        max_waiting=config.max_waiting, pingpong=config.pingpong)
+                        max_waiting=config.max_waiting, pingpong=config.pingpong,
+                        deterministic=config.deterministic)
 
 
 def placement(config: ServerConfig, model: MixtralConfig) -> Placement:
@@ -111,7 +112,8 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
                                   request_router_config=shard_router_config())
     shards = [shard.options(name=shard_name(g),
                             ray_actor_options={"num_cpus": config.shard_cpus, **_gpus(config)})
-              .bind(path, g, plan.shard_experts(g), dtype=dtype, device=device, group=group, board=board)
+              .bind(path, g, plan.shard_experts(g), dtype=dtype, device=device, group=group, board=board,
+                    deterministic=config.deterministic)
               for g in range(plan.num_shards)]
     dispatcher_cpus = {"num_cpus": config.dispatcher_cpus, **_gpus(config)}
     dispatcher: Any = serve.deployment(ServedDispatcher, name=DISPATCHER, **DISPATCHER_OPTIONS,
@@ -123,7 +125,8 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
     rebalance = RebalancePolicy(config.rebalance_interval_s, config.redundant_experts,
                                 config.rebalance_margin)
     engine = dispatcher.bind(path, plan, shards, engine_config(config), dtype=dtype, device=device,
-                             transport=config.transport, group=group, board=board, rebalance=rebalance)
+                             transport=config.transport, group=group, board=board, rebalance=rebalance,
+                             shard_timeout_s=config.shard_timeout_s)
     return ingress.bind(engine, config, path)
 
 

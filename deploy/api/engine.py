@@ -6,20 +6,34 @@ dead, Serve's state for health, status and routing counts); `LocalEngine` wraps 
 this process (tests, the benchmark), where there is no Serve state to report.
 
 Closing a `generate` stream before its end (client gone, timeout, error) frees the engine's sequence.
+
+Streams survive their dispatcher: `ServeEngine.generate` remembers the tokens it has passed on, and
+when the call fails because the dispatcher replica died (not because of an error raised inside it),
+it waits for a live replica (another one, or Serve's replacement) up to `resume_timeout_s` and sends
+the request again as a continuation (`GenerateRequest.generated`: the prompt and the delivered
+tokens are prefilled, sampling continues at the same position, stop rules see the delivered text,
+usage counts the whole request). The caller sees a pause, never a repeated or skipped token. A
+stream whose client has gone is closed here first, so it is never resumed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from moray.actors.dispatcher import DispatcherWatch
+from moray.actors.dispatcher import DispatcherUnavailableError, DispatcherWatch, actor_died
 from moray.deploy.api.errors import APIError, unwrap
 from moray.deploy.serve import state
 from moray.model.engine import AsyncEngine, GenerateRequest, TokenEvent
 
+log = logging.getLogger(__name__)
+
 STATUS_TIMEOUT_S = 5.0  # longest wait for the expert-shard replicas' load reports in /v1/moray/status
+RESUME_POLL_S = 0.1  # how often a stream waiting to resume looks for a live dispatcher
 
 
 class EngineClient(Protocol):
@@ -49,23 +63,43 @@ class EngineClient(Protocol):
 class ServeEngine:
     """The dispatcher deployment through its Serve handle (inside the ingress replica)."""
 
-    def __init__(self, handle: Any, app_name: str) -> None:
-        self.handle, self.app_name = handle, app_name
+    def __init__(self, handle: Any, app_name: str, resume_timeout_s: float = 0.0) -> None:
+        self.handle, self.app_name, self.resume_timeout_s = handle, app_name, resume_timeout_s
         self.watch = DispatcherWatch(lambda: self.handle.check_health.remote())
+        self.resumed = 0  # streams continued on another dispatcher replica
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         self.watch.check()
-        response, finished = self.handle.generate.options(stream=True).remote(request), False
-        try:
-            async for event in response:
-                yield event
-            finished = True
-        except Exception as e:
-            self.watch.failed(e)
-            raise unwrap(e) from None
-        finally:
-            if not finished:
-                response.cancel()
+        delivered, attempt, deadline = list(request.generated), request, 0.0
+        while True:
+            response, finished = self.handle.generate.options(stream=True).remote(attempt), False
+            try:
+                async for event in response:
+                    delivered.append(event.token_id)
+                    yield event
+                finished = True
+                return
+            except Exception as e:
+                self.watch.failed(e)
+                if not actor_died(e) or self.resume_timeout_s <= 0:
+                    raise unwrap(e) from None
+                deadline = deadline or time.monotonic() + self.resume_timeout_s
+                log.warning("request %s: its dispatcher died after %d tokens; resuming on a live replica",
+                            request.request_id, len(delivered) - len(request.generated))
+            finally:
+                if not finished:
+                    response.cancel()
+            await self._until_live(deadline)
+            attempt = dataclasses.replace(request, generated=list(delivered))
+            self.resumed += 1
+
+    async def _until_live(self, deadline: float) -> None:
+        """Wait until a dispatcher replica answers again (the watch's probe); past `deadline`, 503."""
+        while self.watch.down_since is not None:
+            if time.monotonic() > deadline:
+                raise DispatcherUnavailableError(f"no dispatcher replica came back within "
+                                                 f"{self.resume_timeout_s:g} s to resume the stream")
+            await asyncio.sleep(RESUME_POLL_S)
 
     async def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = await self.handle.stats.remote()
@@ -118,8 +152,10 @@ class LocalEngine:
         raise APIError(404, "routing counts come from the expert-shard deployments (Serve only)")
 
 
-def engine_client(engine: Any, app_name: str) -> EngineClient:
+def engine_client(engine: Any, app_name: str, resume_timeout_s: float = 0.0) -> EngineClient:
     """`engine` as an `EngineClient`: a Serve handle (what Serve passes the ingress) is wrapped."""
     from ray.serve.handle import DeploymentHandle
 
-    return ServeEngine(engine, app_name) if isinstance(engine, DeploymentHandle) else engine  # type: ignore[no-any-return]
+    if isinstance(engine, DeploymentHandle):
+        return ServeEngine(engine, app_name, resume_timeout_s)
+    return engine  # type: ignore[no-any-return]

@@ -72,7 +72,8 @@ class OpenAIIngress(GrpcMixin):
 
     def __init__(self, engine: Any, config: ServerConfig | dict[str, Any], model_dir: str) -> None:
         self.config = config if isinstance(config, ServerConfig) else ServerConfig(**config)
-        self.engine = engine_client(engine, self.config.app_name)  # Serve passes the dispatcher's handle
+        # Serve passes the dispatcher's handle
+        self.engine = engine_client(engine, self.config.app_name, self.config.resume_timeout_s)
         self.served_model_name: str = self.config.served_model_name or "moray"
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
         model_cfg = MixtralConfig.load(model_dir)

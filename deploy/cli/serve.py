@@ -56,8 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def serve_config(args: argparse.Namespace) -> ServerConfig:
     names = ("model", "host", "port", "grpc_port", "num_shards", "placement", "autoscaling", "pingpong",
-             "transport",
+             "transport", "deterministic", "shard_timeout_s",
              "max_num_seqs", "max_waiting", "api_key", "device", "dtype", "served_model_name",
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="batch-invariant numerics: the same tokens whatever else is batched (slower)")
+    p.add_argument("--shard-timeout", dest="shard_timeout_s", type=float,
+                   help="seconds a layer's rows wait for a live expert-shard replica before HTTP 503 (60)")
              "rebalance_interval_s", "redundant_experts")
     return ServerConfig.load(args.config, {n: getattr(args, n) for n in names})
 

@@ -61,6 +61,17 @@ class ServerConfig(BaseModel):
     max_waiting: int = Field(
         256, ge=0, description="Requests allowed to wait for a slot; beyond it they get HTTP 429.")
     request_timeout_s: float = Field(600.0, gt=0, description="A request unfinished after this fails.")
+    shard_timeout_s: float = Field(
+        60.0, gt=0, description="How long a layer's rows wait for a live replica of their expert shard "
+                                "(retried on another replica or the restarted one) before the step fails "
+                                "with HTTP 503.")
+    resume_timeout_s: float = Field(
+        60.0, ge=0, description="A stream whose dispatcher replica died continues on a live replica (another "
+                                "one, or the restarted one) found within this many seconds, with the same "
+                                "tokens; 0 = off (the stream ends with an error event).")
+    deterministic: bool = Field(
+        False, description="Batch-invariant numerics: a request's tokens and logprobs do not depend on what "
+                           "else is in the step nor on how its prompt was chunked (slower).")
     pingpong: bool = Field(
         False, description="Two micro-batches in flight: attention of one while experts run the other.")
     transport: Literal["auto", "socket", "ray"] = Field(

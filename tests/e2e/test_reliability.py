@@ -60,7 +60,7 @@ def fault_app(served_app: ServedApp) -> Iterator[FaultApp]:
 
     config = served_app.config.model_copy(update={
         "app_name": FAULT_APP, "num_shards": 2, "max_num_seqs": 8, "max_batch_tokens": 128, "max_waiting": 16,
-        "dispatcher_cpus": 0.5, "shard_cpus": 0.25})
+        "dispatcher_cpus": 0.5, "shard_cpus": 0.25, "resume_timeout_s": 0.0})  # resuming: moray-resume
     serve.run(build_app(config), name=FAULT_APP, route_prefix=f"/{FAULT_APP}")
     app = FaultApp(f"{served_app.http_url}/{FAULT_APP}", FAULT_APP, config)
     wait_healthy(app.url)
@@ -188,7 +188,16 @@ KILL_TOKENS = 40
 
 def test_killed_expert_replica_loses_no_tokens(fault_app: FaultApp, oracle: Oracle) -> None:
     """SIGKILL shard 0's only replica while 8 greedy streams generate: each stream still equals the
-    in-process model token for token; Serve brings the shard back to one replica."""
+    in-process model token for token; Serve brings the shard back to one replica, and the dispatcher
+    has a data-plane channel to it within `shard_timeout_s`."""
+    from ray import serve
+
+    dispatcher = serve.get_deployment_handle("dispatcher", fault_app.name)
+    warm = httpx.post(f"{fault_app.base_url}/completions", json={"prompt": [1, 2], "max_tokens": 2},
+                      timeout=60)
+    assert warm.status_code == 200
+    opened = dispatcher.stats.remote().result()["channels_opened"]  # one per shard replica by now
+    assert opened >= 2
     wants = oracle([GenerateRequest(p, greedy(KILL_TOKENS)) for p in PROMPTS])
     (victim,) = replica_pids(fault_app.name, "expert-shard-0")
     bodies = [{"prompt": p, "max_tokens": KILL_TOKENS, "temperature": 0, "ignore_eos": True,
@@ -202,8 +211,12 @@ def test_killed_expert_replica_loses_no_tokens(fault_app: FaultApp, oracle: Orac
         assert s.text() == "".join(e.text for e in want)
     finished_s = max(s.ended_at or 0.0 for s in streams) - killed_at
     back_s = wait_replaced(fault_app.name, "expert-shard-0", victim)
+    stats = dispatcher.stats.remote().result()
+    connected_s = time.monotonic() - killed_at
+    assert stats["channels"] == [1, 1] and stats["channels_opened"] == opened + 1 and stats["shard_retries"]
+    assert connected_s < fault_app.config.shard_timeout_s
     print(f"\nexpert replica killed: streams done {finished_s:.1f} s later, shard running again after "
-          f"{back_s:.1f} s more")
+          f"{back_s:.1f} s more, its new replica connected {connected_s:.1f} s after the kill")
 
 
 def test_a_shard_with_no_live_replica_fails_fast(fault_app: FaultApp, tiny_dir: Path) -> None:
@@ -284,6 +297,112 @@ def test_killed_dispatcher_ends_streams_with_errors_then_recovers(fault_app: Fau
     wait_replaced(fault_app.name, "dispatcher", victim)
     print(f"\ndispatcher killed: error events after {errors_s:.2f} s, {len(refused)} x 503, "
           f"served again after {served_s:.1f} s")
+
+
+# ---- streams resume on a live dispatcher ------------------------------------------------------------------
+RESUME_APP = "moray-resume"
+RESUME_TOKENS = 150
+
+
+@pytest.fixture(scope="module")
+def resume_app(served_app: ServedApp) -> Iterator[FaultApp]:
+    """Deterministic numerics (so seeded sampling continues exactly), resuming on (the default)."""
+    from ray import serve
+
+    from moray.deploy.app import build_app
+
+    config = served_app.config.model_copy(update={
+        "app_name": RESUME_APP, "num_shards": 2, "max_num_seqs": 8, "max_batch_tokens": 128,
+        "max_waiting": 16, "dispatcher_cpus": 0.5, "shard_cpus": 0.25, "deterministic": True,
+        "resume_timeout_s": 90.0})
+    serve.run(build_app(config), name=RESUME_APP, route_prefix=f"/{RESUME_APP}")
+    app = FaultApp(f"{served_app.http_url}/{RESUME_APP}", RESUME_APP, config)
+    wait_healthy(app.url)
+    yield app
+    serve.delete(RESUME_APP)
+
+
+def resume_bodies() -> list[dict[str, Any]]:
+    """4 greedy and 4 seeded sampled streams, with logprobs and the usage chunk."""
+    return [{"prompt": p, "max_tokens": RESUME_TOKENS, "ignore_eos": True, "return_token_ids": True,
+             "logprobs": 1, "stream_options": {"include_usage": True},
+             **({"temperature": 0} if i % 2 else {"temperature": 0.8, "seed": 100 + i})}
+            for i, p in enumerate(PROMPTS)]
+
+
+async def all_streams(url: str, bodies: list[dict[str, Any]]) -> list[Stream]:
+    streams = [Stream() for _ in bodies]
+    async with httpx.AsyncClient(timeout=TIMEOUT_S) as http:
+        await asyncio.gather(*(consume(http, url, b, s) for b, s in zip(bodies, streams, strict=True)))
+    return streams
+
+
+def logprobs_of(s: Stream) -> list[float]:
+    chunks = [e for e in s.events if isinstance(e, dict) and e.get("choices")]
+    return [lp for e in chunks for lp in (e["choices"][0].get("logprobs") or {}).get("token_logprobs", [])]
+
+
+def usage_of(s: Stream) -> dict[str, int]:
+    return next(e["usage"] for e in s.events if isinstance(e, dict) and e.get("usage"))
+
+
+def assert_resumed_equal(streams: list[Stream], wants: list[Stream]) -> None:
+    for s, want in zip(streams, wants, strict=True):
+        assert s.status == 200 and not s.errors(), s.errors()
+        assert s.events[-1] == "[DONE]"
+        assert len(s.token_ids()) == RESUME_TOKENS and s.token_ids() == want.token_ids()
+        assert s.text() == want.text() and logprobs_of(s) == logprobs_of(want)
+        assert usage_of(s) == usage_of(want) and usage_of(s)["completion_tokens"] == RESUME_TOKENS
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_streams_resume_when_their_dispatcher_dies(resume_app: FaultApp, replicas: int) -> None:
+    """SIGKILL the dispatcher replica serving 8 streams (greedy and seeded): every stream finishes with
+    no error event and equals, token for token, logprob for logprob, its run without a fault. One
+    replica: the streams wait for Serve's replacement; two: they continue on the other one."""
+    from ray import serve
+
+    from moray.deploy.app import build_app
+
+    if replicas != resume_app.config.dispatcher_replicas:
+        resume_app.config = resume_app.config.model_copy(update={"dispatcher_replicas": replicas})
+        serve.run(build_app(resume_app.config), name=RESUME_APP, route_prefix=f"/{RESUME_APP}")
+        wait_replaced(RESUME_APP, "dispatcher", -1, replicas)
+    bodies = resume_bodies()
+    wants = asyncio.run(all_streams(resume_app.base_url, bodies))
+    victim = replica_pids(RESUME_APP, "dispatcher")[0]
+    streams, killed_at, at_kill = asyncio.run(with_streams(resume_app.base_url, bodies, victim, 10))
+    assert max(at_kill) < RESUME_TOKENS, "the kill came after the streams had finished"
+    assert_resumed_equal(streams, wants)
+    done_s = max(s.ended_at or 0.0 for s in streams) - killed_at
+    print(f"\ndispatcher killed ({replicas} replica(s)): 8 streams resumed and done {done_s:.1f} s later")
+
+
+def test_a_gone_client_is_not_resumed(resume_app: FaultApp) -> None:
+    """A stream whose client left before the dispatcher died is not continued anywhere: the restarted
+    dispatcher replicas never run a step."""
+    from ray import serve
+
+    async def leave_then_kill() -> None:
+        async with httpx.AsyncClient(timeout=TIMEOUT_S) as http:
+            body = {"prompt": PROMPTS[0], "max_tokens": 1000, "ignore_eos": True, "stream": True}
+            async with http.stream("POST", f"{resume_app.base_url}/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        break  # the client goes away after its first token
+        await asyncio.sleep(0.5)
+        for pid in replica_pids(RESUME_APP, "dispatcher"):
+            kill(pid)
+
+    asyncio.run(leave_then_kill())
+    wait_healthy(resume_app.url)
+    dispatchers = serve.get_deployment_handle("dispatcher", RESUME_APP)
+    seen = []
+    for _ in range(10):  # over 3 s, through Serve's router: every replica answers some of these
+        stats = dispatchers.stats.remote().result()
+        seen.append((stats["pid"], stats["time_steps"], stats["running"] + stats["waiting"]))
+        time.sleep(0.3)
+    assert all(steps == 0 and queued == 0 for _, steps, queued in seen), seen
 
 
 # ---- a flood --------------------------------------------------------------------------------------------
