@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -70,6 +71,8 @@ class ServeEngine:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         self.watch.check()
+        if self.resume_timeout_s > 0:
+            request = _seeded(request)
         delivered, attempt, deadline = list(request.generated), request, 0.0
         while True:
             response, finished = self.handle.generate.options(stream=True).remote(attempt), False
@@ -123,6 +126,15 @@ class ServeEngine:
             return await state.shard_token_counts(self.app_name)
         except LookupError as e:
             raise APIError(503, str(e)) from None
+
+
+def _seeded(request: GenerateRequest) -> GenerateRequest:
+    """A sampled request without a seed gets one here, so that a continuation draws the tokens the
+    first attempt would have (sampling is keyed by (seed, position))."""
+    params = request.params
+    if params.temperature == 0 or params.seed is not None:
+        return request
+    return dataclasses.replace(request, params=dataclasses.replace(params, seed=secrets.randbits(62)))
 
 
 class LocalEngine:
