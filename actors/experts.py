@@ -117,9 +117,12 @@ class ExpertShard:
 
     def _bank(self, old: ExpertBank | None, loaded: Mapping[str, torch.Tensor], layer: int, gained: list[int],
               ids: list[int]) -> ExpertBank:
-        new = ExpertBank.from_weights(loaded, layer, gained, self.cfg.n_experts,
-                                      deterministic=self.deterministic) if gained else None
-        parts = [b for b in (old, new) if b is not None]
+        """Layer `layer`'s bank of `ids`: the kept experts of `old` and the `gained` ones, one bank each
+        (where `pack_linear` keeps weights as they are, GPU or bf16, a bank's weights are views of one
+        stacked tensor: an expert let go later would stay allocated with the stack)."""
+        n, det = self.cfg.n_experts, self.deterministic
+        new = [ExpertBank.from_weights(loaded, layer, [e], n, deterministic=det) for e in gained]
+        parts = [b for b in (old, *new) if b is not None]
         if len(parts) == 1 and parts[0].expert_ids == ids:
             return parts[0]
         return ExpertBank.combine(parts, ids, self.cfg.n_experts)

@@ -265,3 +265,28 @@ def test_periodic_rebalancing_moves_once_per_interval(ray_session: Any) -> None:
         assert busy.outcome == "busy" and busy.cause == "busy"
     finally:
         board.clear()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hold_loads_only_the_gained_experts_and_frees_the_lost(skewed_dir: Path, dtype: str) -> None:
+    """In process, no Ray: kept experts keep their very weight tensors, gained ones are read from the
+    checkpoint, and each expert's weights own their memory (bf16 on CPU is left unpacked: a view into a
+    stack of experts would keep the lost ones allocated)."""
+    from moray.actors.experts import ExpertShard
+
+    cfg = MixtralConfig.load(skewed_dir)
+    shard = ExpertShard(str(skewed_dir), 0, {0: [0, 1], 1: [0]}, dtype=dtype)
+    kept = shard.banks[0].w13[1]
+    shard.hold({0: [1, 3], 1: [2]}, "2")
+    assert shard.experts == {0: [1, 3], 1: [2]} and shard.holding.tag == "2"
+    assert shard.banks[0].w13[0] is kept  # expert 1 of layer 0: not re-read, not copied
+    assert shard.param_bytes() == 3 * cfg.expert_bytes(torch.finfo(getattr(torch, dtype)).bits // 8)
+    for bank in shard.banks.values():
+        for w in (*bank.w13, *bank.w2):
+            if not w.is_mkldnn:
+                assert w.untyped_storage().nbytes() == w.numel() * w.element_size()
+    x = torch.randn(5, cfg.dim, dtype=getattr(torch, dtype))
+    ids, gates = torch.tensor([[1, 3]] * 5), torch.full((5, 2), 0.5, dtype=x.dtype)
+    assert shard.serve(0, x, ids, gates).shape == x.shape
+    with pytest.raises(ValueError, match="does not hold"):
+        shard.serve(0, x, torch.tensor([[0, 1]] * 5), gates)
