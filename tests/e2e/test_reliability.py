@@ -378,6 +378,31 @@ def test_streams_resume_when_their_dispatcher_dies(resume_app: FaultApp, replica
     print(f"\ndispatcher killed ({replicas} replica(s)): 8 streams resumed and done {done_s:.1f} s later")
 
 
+def test_python_client_streams_resume(resume_app: FaultApp) -> None:
+    """`MorayClient.stream` (through the ingress handle, no HTTP) pauses across a dispatcher's death and
+    gives the text of the run without a fault."""
+    import threading
+
+    from ray import serve
+
+    from moray.deploy.api.client import MorayClient
+
+    client = MorayClient(serve.get_app_handle(RESUME_APP), RESUME_APP)
+    sampling = {"max_tokens": RESUME_TOKENS, "temperature": 0.8, "seed": 7, "ignore_eos": True}
+    want = "".join(client.stream(PROMPTS[3], **sampling))
+    pieces: list[str] = []
+    reader = threading.Thread(target=lambda: pieces.extend(client.stream(PROMPTS[3], **sampling)))
+    reader.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(pieces) < 10:
+        assert time.monotonic() < deadline and reader.is_alive(), pieces
+        time.sleep(0.01)
+    for pid in replica_pids(RESUME_APP, "dispatcher"):
+        kill(pid)
+    reader.join(TIMEOUT_S)
+    assert not reader.is_alive() and "".join(pieces) == want
+
+
 def test_a_gone_client_is_not_resumed(resume_app: FaultApp) -> None:
     """A stream whose client left before the dispatcher died is not continued anywhere: the restarted
     dispatcher replicas never run a step."""
