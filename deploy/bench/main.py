@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 def system_names(args: argparse.Namespace) -> list[str]:
     """The systems this invocation measures, in the order they run (Ray's last: its daemons stay up).
 
-    moray's names: `moray-local`, `moray-actors-N`, `moray-serve-N`, with `-pingpong` (two micro-batches)
-    and `-ray` (transport "ray": a Ray call per layer instead of the data plane) as suffixes."""
+    moray's names: `moray-local`, `moray-actors-N`, `moray-serve-N`, with `-pingpong` (two micro-batches),
+    `-det` (deterministic numerics) and `-ray` (transport "ray": a Ray call per layer instead of the data
+    plane) as suffixes."""
     n = args.num_shards or 2
     if args.compare:
         names = args.systems.split(",") if args.systems else [
@@ -51,33 +52,36 @@ def system_names(args: argparse.Namespace) -> list[str]:
             f"moray-actors-{n}", f"moray-actors-{n}-ray", f"moray-actors-{n}-pingpong", f"moray-serve-{n}",
             f"moray-serve-{n}-ray"]
         return [s.strip() for s in names if s.strip()]
-    suffix = ("-pingpong" if args.pingpong else "") + ("-ray" if args.transport == "ray" else "")
+    suffix = "".join(s for s, on in (("-pingpong", args.pingpong), ("-det", args.deterministic),
+                                     ("-ray", args.transport == "ray")) if on)
     return [f"moray-actors-{args.num_shards}{suffix}" if args.num_shards else f"moray-local{suffix}"]
 
 
-def parse_system(name: str) -> tuple[str, int, bool, str]:
-    """`moray-serve-2-pingpong-ray` -> ("serve", 2, True, "ray"); the transport is "auto" without `-ray`."""
+def parse_system(name: str) -> tuple[str, int, bool, str, bool]:
+    """`moray-serve-2-pingpong-ray` -> ("serve", 2, True, "ray", False): kind, shards, ping-pong, transport
+    ("auto" without `-ray`), deterministic (`-det`)."""
     parts = name.split("-")
-    pingpong, transport = "pingpong" in parts, "ray" if "ray" in parts[3:] else "auto"
+    pingpong, transport = "pingpong" in parts, "ray" if "ray" in parts[2:] else "auto"
     shards = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
-    return parts[1] if len(parts) > 1 else "", shards, pingpong, transport
+    return parts[1] if len(parts) > 1 else "", shards, pingpong, transport, "det" in parts
 
 
 def open_system(name: str, args: argparse.Namespace, model_dir: str) -> Any:
     """A target for one system name (see `system_names`)."""
-    _, shards, pingpong, transport = parse_system(name)
+    _, shards, pingpong, transport, deterministic = parse_system(name)
+    engine = engine_config(args, pingpong, deterministic)
     if name.startswith("transformers"):  # "transformers": its default experts code; "transformers-eager"
         return TransformersTarget(model_dir, name.partition("-")[2] or None)
     if name == "vllm":
         return VllmTarget(args.vllm_python, model_dir, args.vllm_kv_gib, not args.no_logprobs)
     if name.startswith("moray-local"):
-        return LocalTarget(model_dir, engine_config(args, pingpong))
+        return LocalTarget(model_dir, engine)
     if name.startswith("moray-actors-"):
-        return ActorsTarget(model_dir, shards, engine_config(args, pingpong), args.threads or
+        return ActorsTarget(model_dir, shards, engine, args.threads or
                             max(1, (os.cpu_count() or 1) // shards), transport=transport)
     if name.startswith("moray-serve-"):
         return ServeTarget(model_dir, shards, max(args.concurrency), pingpong, not args.no_logprobs,
-                           transport=transport)
+                           transport=transport, deterministic=deterministic)
     raise ValueError(f"unknown system {name!r}")
 
 
@@ -160,6 +164,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=0, help="requests per level (default: = concurrency)")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="engine token budget per step")
     p.add_argument("--pingpong", action="store_true", help="two micro-batches in flight")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant numerics (--compare: a `-det` system, e.g. moray-local-det)")
     p.add_argument("--transport", choices=["auto", "socket", "ray"], default="auto",
                    help="with --num-shards: the data plane (auto / socket) or a Ray call per layer (ray)")
     p.add_argument("--repeats", type=int, default=1, help="runs per system and level; the fastest is kept")

@@ -30,11 +30,12 @@ def generate_request(job: Job) -> Any:
                                                                 ignore_eos=True))
 
 
-def engine_config(args: argparse.Namespace, pingpong: bool) -> Any:
+def engine_config(args: argparse.Namespace, pingpong: bool, deterministic: bool = False) -> Any:
     from moray.model.engine import EngineConfig
 
     seqs = max(max(args.concurrency), 1)
-    return EngineConfig(max_num_seqs=seqs, max_batch_tokens=args.max_batch_tokens, pingpong=pingpong)
+    return EngineConfig(max_num_seqs=seqs, max_batch_tokens=args.max_batch_tokens, pingpong=pingpong,
+                        deterministic=deterministic)
 
 
 class ExpertCounter:
@@ -69,7 +70,7 @@ class LocalTarget:
         from moray.model.mixtral import load_local
         from moray.model.tokenizer import Tokenizer
 
-        model, experts = load_local(model_dir)
+        model, experts = load_local(model_dir, deterministic=engine_config.deterministic)
         self.counter = ExpertCounter(experts, model.cfg.n_experts)
         self.engine = AsyncEngine(model, self.counter, Tokenizer.from_model_dir(model_dir), engine_config)
 

@@ -29,11 +29,12 @@ def test_hop_measures_every_transport(ray_session: Any, tmp_path: Path,
 
 
 @pytest.mark.parametrize("name, parsed", [
-    ("moray-local", ("local", 0, False, "auto")),
-    ("moray-actors-2", ("actors", 2, False, "auto")),
-    ("moray-actors-3-ray", ("actors", 3, False, "ray")),
-    ("moray-actors-2-pingpong", ("actors", 2, True, "auto")),
-    ("moray-serve-4-pingpong-ray", ("serve", 4, True, "ray")),
+    ("moray-local", ("local", 0, False, "auto", False)),
+    ("moray-local-det", ("local", 0, False, "auto", True)),
+    ("moray-actors-2", ("actors", 2, False, "auto", False)),
+    ("moray-actors-3-ray", ("actors", 3, False, "ray", False)),
+    ("moray-actors-2-pingpong", ("actors", 2, True, "auto", False)),
+    ("moray-serve-4-pingpong-det-ray", ("serve", 4, True, "ray", True)),
 ])
-def test_system_names(name: str, parsed: tuple[str, int, bool, str]) -> None:
+def test_system_names(name: str, parsed: tuple[str, int, bool, str, bool]) -> None:
     assert parse_system(name) == parsed
