@@ -95,6 +95,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("moray_placement_version", "gauge", "Version of the expert placement in force."),
 )
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
+EVENT_METRICS = frozenset({"moray_rebalances_total"})  # recorded when a rebalance runs, not on requests
 
 MAX_ENDPOINTS = 32  # distinct `endpoint` label values per process; later ones are recorded as "other"
 
@@ -240,4 +241,8 @@ def set_balancedness(layers: list[float], overall: float) -> None:
 def record_rebalance(outcome: str, cause: str, version: int) -> None:
     inc("moray_rebalances_total", tags={"outcome": outcome, "cause": cause or "-"})
     if version > 0:
-        set_gauge("moray_placement_version", version)
+        set_placement_version(version)
+
+
+def set_placement_version(version: int) -> None:
+    set_gauge("moray_placement_version", version)

@@ -106,6 +106,9 @@ class AppRebalancer:
         tables = load_tables(reports)
         if tables is not None:
             self._export(tables[0])
+        state = self.board.read()
+        if state is not None:
+            metrics.set_placement_version(state.version)
         return balance_report(reports)
 
     def _export(self, per_shard: np.ndarray) -> None:

@@ -151,6 +151,35 @@ def run_requests(url: str, prompts: list[str], max_tokens: int) -> list[list[int
     return asyncio.run(go())
 
 
+def scrape(prefix: str = "ray_moray_") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, labels) -> value of every `prefix*` sample on every node's metrics agent."""
+    import urllib.request
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for node in (n for n in ray.nodes() if n["Alive"]):
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        for family in text_string_to_metric_families(urllib.request.urlopen(url, timeout=10).read().decode()):
+            for x in (x for x in family.samples if x.name.startswith(prefix)):
+                key = (x.name, tuple(sorted(x.labels.items())))
+                samples[key] = samples.get(key, 0.0) + x.value
+    return samples
+
+
+def recorded(name: str, timeout_s: float = 60.0, **labels: str) -> float:
+    """The largest value of metric `name` with `labels` once exported (0.0 if it never is)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        values = [v for (n, lab), v in scrape().items()
+                  if n == name and all(dict(lab).get(k) == want for k, want in labels.items())]
+        if values:
+            return max(values)
+        time.sleep(2)
+    return 0.0
+
+
 def moray(*args: str, ray_address: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "moray.deploy.cli", *args], capture_output=True, text=True,
@@ -202,3 +231,6 @@ def test_a_move_under_16_streams_balances_the_shards(app_url: str, skewed_dir: P
     status = moray("status", "--app", APP, ray_address=served_app.ray_address)
     assert status.returncode == 0, status.stderr
     assert "expert balance" in status.stdout and f"placement {move['version']}" in status.stdout
+    assert recorded("ray_moray_rebalances_total", outcome="applied", cause="-") >= 1
+    assert recorded("ray_moray_placement_version") >= move["version"]
+    assert 0.0 < recorded("ray_moray_expert_balancedness", layer="all") <= 1.0
