@@ -129,6 +129,8 @@ class ShardFollower(_Follower):
         self.report()
 
     def report(self) -> None:
+        if self._stop.is_set():  # left the board: a load finishing late must not announce it again
+            return
         holding = self.shard.holding
         body: dict[str, Any] = {"holds": holding.tag, "loading": self.loading, "error": self.error,
                                 "pairs": sum(map(len, holding.experts.values())),
@@ -168,6 +170,8 @@ class DispatcherFollower(_Follower):
             version, placement = routing_placement(state)
             if version != self.experts.version:
                 self.experts.stage(version, placement)
+        if self._stop.is_set():
+            return
         self.board.report_dispatcher(self.id, {"version": self.experts.version,
                                                "staged": self.experts.staged_version})
 
