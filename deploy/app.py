@@ -9,21 +9,28 @@ autoscaling, Prometheus, replica-aware splits), so neither package imports the o
 Every dispatcher replica gets handles to the same shard deployments, so attention scales apart
 from the experts. `build_app` is also what KubeRay's `serveConfigV2` imports
 (`import_path: moray.deploy.app:build_app`, `args:` = `ServerConfig` fields).
+
+What listens where (`run_app`, what `moray serve` runs): Serve's HTTP proxy on `host:port`, and when
+`grpc_port` is set moray's own gRPC server on `host:grpc_port` (`api/grpc_server.py`; Serve's gRPC
+proxy binds every interface, so it is not started). `host` is 127.0.0.1 unless told otherwise; a
+non-loopback host without an API key gets one warning line from `build_app`.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moray.actors.placement import Placement
-from moray.deploy.api.grpc import grpc_options
+from moray.deploy.api.grpc_server import GrpcServer
 from moray.deploy.api.ingress import OpenAIIngress
 from moray.deploy.serve.autoscaling import autoscaling_config
 from moray.deploy.serve.config import ServerConfig
 from moray.deploy.serve.deployments import ServedDispatcher, ServedExpertShard
+from moray.deploy.serve.network import is_loopback, url_host
 from moray.deploy.serve.rebalancer import RebalancePolicy
 from moray.deploy.serve.router import shard_router_config
 from moray.deploy.serve.state import DISPATCHER, INGRESS, shard_name
@@ -97,11 +104,22 @@ def dataplane_group(config: ServerConfig) -> str | None:
     return None if config.transport == "ray" else f"serve-{config.app_name}-{uuid.uuid4().hex[:12]}"
 
 
+def exposure_warning(config: ServerConfig) -> str | None:
+    """The warning for APIs open to other machines without an API key, None when there is nothing to say."""
+    if config.api_key or is_loopback(config.host):
+        return None
+    return (f"warning: the API on {config.host} accepts requests from other machines without an API key; "
+            f"set --api-key or MORAY_API_KEY")
+
+
 def build_app(args: dict[str, Any] | ServerConfig) -> Any:
     """The moray Serve application for `args` (a `ServerConfig` or its fields as a dict)."""
     from ray import serve
 
     config = args if isinstance(args, ServerConfig) else ServerConfig(**args)
+    warning = exposure_warning(config)
+    if warning:
+        log.warning(warning)
     path, device = model_dir(config), config.resolved_device()
     dtype = str(config.resolved_dtype()).removeprefix("torch.")
     plan, group = placement(config, MixtralConfig.load(path)), dataplane_group(config)
@@ -130,10 +148,33 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
     return ingress.bind(engine, config, path)
 
 
-def run_app(config: ServerConfig, blocking: bool = False, proxy_location: str = "EveryNode") -> Any:
-    """Start Serve's HTTP and gRPC proxies on the config's ports and deploy the app at route `/`."""
+@dataclass
+class RunningApp:
+    """A deployed app: its ingress handle, and moray's gRPC server when one was asked for."""
+
+    config: ServerConfig
+    handle: Any
+    grpc: GrpcServer | None = None
+
+    def addresses(self) -> list[str]:
+        """Where its APIs answer, as a client would write them."""
+        host = url_host(self.config.host)
+        http = f"HTTP http://{host}:{self.config.port}/v1"
+        return [http, f"gRPC {host}:{self.config.grpc_port}" if self.grpc else "gRPC off (--grpc-port)"]
+
+    def stop(self) -> None:
+        """Stop the gRPC server (Serve and the app are the caller's to shut down)."""
+        if self.grpc is not None:
+            self.grpc.stop()
+            self.grpc = None
+
+
+def run_app(config: ServerConfig, proxy_location: str = "EveryNode") -> RunningApp:
+    """Start Serve's HTTP proxy on `host:port`, deploy the app at route `/`, and start moray's gRPC
+    server on `host:grpc_port` when `grpc_port` is set."""
     from ray import serve
 
-    serve.start(proxy_location=proxy_location, http_options={"host": config.host, "port": config.port},
-                grpc_options=grpc_options(config.grpc_port))
-    return serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=blocking)
+    serve.start(proxy_location=proxy_location, http_options={"host": config.host, "port": config.port})
+    handle = serve.run(build_app(config), name=config.app_name, route_prefix="/")
+    grpc = GrpcServer(config.host, config.grpc_port, handle).start() if config.grpc_port else None
+    return RunningApp(config, handle, grpc)

@@ -17,6 +17,10 @@ itself. Elsewhere, or with an explicit address (`"10.0.0.5:6379"`, `RAY_ADDRESS`
 token auth on for you: pass `auth_token=...` (or set `RAY_AUTH_MODE=token` and one of
 `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`). `ray get-auth-token` on the head
 prints the token; on KubeRay it is the cluster's auth secret.
+
+The local cluster `moray serve` starts listens on 127.0.0.1 only: a driver on the same machine joins
+it (`connect` then runs this process's Ray on loopback too, see `moray.deploy.serve.network`); other
+machines cannot.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moray.deploy.api.errors import unwrap
+from moray.deploy.serve.network import join_address
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +123,8 @@ def connect(address: str = "auto", app: str = "moray", *, auth_token: str | None
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init(address=address, namespace="serve", ignore_reinit_error=True, log_to_driver=False)
+        ray.init(address=join_address(address), namespace="serve", ignore_reinit_error=True,
+                 log_to_driver=False)
     handle = serve.get_app_handle(app)
     log.info("connected to Serve app %r at %s", app, address)
     return MorayClient(handle, app)

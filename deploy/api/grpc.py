@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from ray.serve.config import gRPCOptions
 
 from moray.deploy.api import moray_pb2
 from moray.deploy.api.admission import Admission, bearer, parse
@@ -40,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SERVICER_FUNCTION = "moray.deploy.api.moray_pb2_grpc.add_MorayServicer_to_server"
+SERVICER_FUNCTION = "moray.deploy.api.moray_pb2_grpc.add_MorayServicer_to_server"  # Serve's grpc_options
 PROTO_PATH = Path(__file__).with_name("moray.proto")
 PROTO_PACKAGE = Path("moray", "deploy", "api")  # the proto's path under protoc's include root
 STUB_FILES = ("moray_pb2.py", "moray_pb2.pyi", "moray_pb2_grpc.py")
@@ -62,12 +61,6 @@ class GrpcError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.details}"
-
-
-def grpc_options(port: int, request_timeout_s: float | None = None) -> gRPCOptions:
-    """What `serve.start(grpc_options=...)` needs to serve the `Moray` service."""
-    return gRPCOptions(port=port, grpc_servicer_functions=[SERVICER_FUNCTION],
-                       request_timeout_s=request_timeout_s)
 
 
 # ---- request -> the HTTP API's payload ---------------------------------------------------------
@@ -164,9 +157,12 @@ class GrpcMixin:
         raise NotImplementedError
 
     async def Generate(self, request: moray_pb2.GenerateRequest,  # noqa: N802 - the RPC's name
-                       grpc_context: RayServegRPCContext | None = None) -> moray_pb2.GenerateReply:
+                       grpc_context: RayServegRPCContext | None = None,
+                       metadata: Sequence[tuple[str, str]] = ()) -> moray_pb2.GenerateReply:
+        """Serve's gRPC proxy passes `grpc_context`; moray's own server (`grpc_server.py`) calls through
+        a handle with the client's `metadata` and gets a failure as a raised `GrpcError`."""
         try:
-            jobs = completion_jobs(request, self.admission, _metadata(grpc_context))
+            jobs = completion_jobs(request, self.admission, _metadata(grpc_context, metadata))
             events = [e async for e in self.run_jobs(jobs)]
         except Exception as e:
             status = status_of(e)
@@ -177,9 +173,10 @@ class GrpcMixin:
 
     async def GenerateStream(self, request: moray_pb2.GenerateRequest,  # noqa: N802 - the RPC's name
                              grpc_context: RayServegRPCContext | None = None,
+                             metadata: Sequence[tuple[str, str]] = (),
                              ) -> AsyncIterator[moray_pb2.GenerateChunk]:
         try:
-            jobs = completion_jobs(request, self.admission, _metadata(grpc_context))
+            jobs = completion_jobs(request, self.admission, _metadata(grpc_context, metadata))
             async for event in self.run_jobs(jobs):
                 yield chunk(event)
         except Exception as e:
@@ -189,8 +186,9 @@ class GrpcMixin:
             raise status from None
 
 
-def _metadata(context: RayServegRPCContext | None) -> Iterable[tuple[str, str | bytes]]:
-    return context.invocation_metadata() if context is not None else ()
+def _metadata(context: RayServegRPCContext | None,
+              given: Sequence[tuple[str, str]]) -> Iterable[tuple[str, str | bytes]]:
+    return context.invocation_metadata() if context is not None else given
 
 
 # ---- stubs -------------------------------------------------------------------------------------

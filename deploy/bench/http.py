@@ -126,7 +126,7 @@ class ServeTarget(HttpTarget):
                  **overrides: Any) -> None:
         self.config = ServerConfig(model=model_dir, served_model_name="moray-bench", num_shards=num_shards,
                                    max_num_seqs=max(max_seqs, 1), max_waiting=256, api_key=None,
-                                   pingpong=pingpong, port=free_port(), grpc_port=free_port(), **overrides)
+                                   pingpong=pingpong, port=free_port(), **overrides)
         cfg = self.config
         replicas = cfg.shard_max_replicas if cfg.autoscaling else cfg.shard_min_replicas
         ensure_ray(self.config.dispatcher_cpus + num_shards * replicas * self.config.shard_cpus)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from moray.deploy.api.client import use_token
+from moray.deploy.serve.network import join_address
 
 EXIT_USAGE = 2
 
@@ -32,5 +32,5 @@ def connect_ray(address: str | None, auth_token: str | None) -> None:
         return
     if auth_token:
         use_token(auth_token)
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace="serve",
-             log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(address=join_address(address), namespace="serve", log_to_driver=False,
+             logging_level=logging.WARNING)

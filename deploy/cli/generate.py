@@ -85,7 +85,9 @@ async def _ray_stream(path: str, num_shards: int, transport: Any, engine_config:
     import ray
 
     from moray.actors.runtime import RuntimeOptions, start_runtime
+    from moray.deploy.serve.network import ray_on_loopback
 
+    ray_on_loopback()  # a local cluster for this one prompt: nothing for other machines to reach
     ray.init(address="local", log_to_driver=False)
     runtime = start_runtime(path, num_shards, engine_config, options=RuntimeOptions(transport=transport))
     try:

@@ -2,6 +2,10 @@
 
 Everything that can fail before Ray starts (config, checkpoint, placement, GPUs, free ports) is
 checked first and reported as one line (exit code 2). SIGINT and SIGTERM shut Serve and Ray down.
+
+What listens where (`EPILOG`, also `moray serve --help`): the APIs on `--host` only, and in local
+mode the Ray cluster on 127.0.0.1 (`ray_on_loopback`); joining a cluster (`--address`) leaves its
+own settings as they are.
 """
 
 from __future__ import annotations
@@ -17,11 +21,22 @@ from typing import Any
 from moray.deploy.app import model_dir, placement, run_app
 from moray.deploy.cli.common import fail, one_line
 from moray.deploy.serve.config import ConfigError, ServerConfig
-from moray.deploy.serve.network import PortInUseError, check_port
+from moray.deploy.serve.network import PortInUseError, check_port, join_address, ray_on_loopback
 from moray.model.config import MixtralConfig
 from moray.model.tokenizer import Tokenizer
 
 log = logging.getLogger("moray")
+
+EPILOG = """\
+what listens where:
+  HTTP (OpenAI API)  --host:--port, default 127.0.0.1:8000
+  gRPC (moray.Moray) --host:--grpc-port, only when --grpc-port is given
+  Ray                with no --address, a local cluster on 127.0.0.1 (GCS, raylet, workers, agents,
+                     dashboard 127.0.0.1:8265), also guarded by Ray's token authentication; each
+                     Serve replica's inter-deployment gRPC port binds every interface (Ray 2.60),
+                     guarded by that token; with --address, the cluster's own settings
+  --host 0.0.0.0 (or any non-loopback address) exposes HTTP and gRPC: set --api-key (or
+  MORAY_API_KEY), or moray prints a warning."""
 
 
 class StartupError(Exception):
@@ -31,9 +46,10 @@ class StartupError(Exception):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
     p.add_argument("--config", help="YAML file of ServerConfig fields; flags override it")
-    p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    p.epilog, p.formatter_class = EPILOG, argparse.RawDescriptionHelpFormatter
+    p.add_argument("--host", help="address HTTP and gRPC listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    p.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
+    p.add_argument("--grpc-port", type=int, help="serve the gRPC API on this port (default: no gRPC)")
     p.add_argument("--num-shards", type=int, help="expert shards (default 2)")
     p.add_argument("--placement", help="placement JSON from `moray plan-placement`")
     p.add_argument("--address", help="join this Ray cluster instead of starting one")
@@ -42,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", choices=["auto", "socket", "ray"],
                    help="how each layer's rows reach the shards: the data plane (auto: shared memory on a "
                         "node, TCP across; socket: TCP always) or a Serve call per layer (ray); default auto")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="batch-invariant numerics: the same tokens whatever else is batched (slower)")
+    p.add_argument("--shard-timeout", dest="shard_timeout_s", type=float,
+                   help="seconds a layer's rows wait for a live expert-shard replica before HTTP 503 (60)")
     p.add_argument("--max-num-seqs", type=int, help="most sequences per engine step")
     p.add_argument("--max-waiting", type=int, help="requests allowed to wait; beyond: HTTP 429")
     p.add_argument("--api-key", help="bearer token clients must send (default $MORAY_API_KEY)")
@@ -58,10 +78,6 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
     names = ("model", "host", "port", "grpc_port", "num_shards", "placement", "autoscaling", "pingpong",
              "transport", "deterministic", "shard_timeout_s",
              "max_num_seqs", "max_waiting", "api_key", "device", "dtype", "served_model_name",
-    p.add_argument("--deterministic", action="store_true", default=None,
-                   help="batch-invariant numerics: the same tokens whatever else is batched (slower)")
-    p.add_argument("--shard-timeout", dest="shard_timeout_s", type=float,
-                   help="seconds a layer's rows wait for a live expert-shard replica before HTTP 503 (60)")
              "rebalance_interval_s", "redundant_experts")
     return ServerConfig.load(args.config, {n: getattr(args, n) for n in names})
 
@@ -89,8 +105,9 @@ def check_startup(config: Any, local: bool) -> tuple[str, Any]:
             raise StartupError(f"{plan.num_shards} shards and {config.dispatcher_replicas} dispatcher(s) "
                                f"need {need} GPUs, this machine has {have}")
     try:
-        for host, port, what in ((config.host, config.port, "HTTP"), ("0.0.0.0", config.grpc_port, "gRPC")):
-            check_port(host, port, what)
+        for port, what in ((config.port, "HTTP"), (config.grpc_port, "gRPC")):
+            if port is not None:
+                check_port(config.host, port, what)
     except PortInUseError as e:
         raise StartupError(str(e)) from None
     return path, plan
@@ -107,30 +124,43 @@ def local_cpus(config: Any, num_shards: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
     try:
         config = serve_config(args)
         path, plan = check_startup(config, local=args.address is None)
     except (ConfigError, StartupError) as e:
         return fail(str(e))
     stop = _stop_event()
-    cpus = None if args.address else local_cpus(config, plan.num_shards)
-    ray.init(address=args.address or "local", num_cpus=cpus,
-             log_to_driver=args.verbose, namespace="serve", ignore_reinit_error=True)
+    ray_info = _start_ray(args, config, plan.num_shards)
+    app = None
     try:
         log.info("model %s (%s), %d expert shards, device %s", config.served_model_name, path,
                  plan.num_shards, config.resolved_device())
-        run_app(config)
-        log.info("ready: http://%s:%d/v1 (OpenAI API), gRPC on port %d; Ctrl-C stops", config.host,
-                 config.port, config.grpc_port)
+        app = run_app(config)
+        log.info("ready: %s; %s; Ctrl-C stops", "; ".join(app.addresses()), ray_info)
         stop.wait()
         log.info("shutting down")
         return 0
     except Exception as e:  # noqa: BLE001 - a deploy failure is one line, the details are in Ray's logs
         return fail(f"the app failed to start: {one_line(e)}")
     finally:
+        if app is not None:
+            app.stop()
         _shutdown(config, joined=args.address is not None)
+
+
+def _start_ray(args: argparse.Namespace, config: ServerConfig, num_shards: int) -> str:
+    """Join `--address`, or start a local Ray on loopback; where it listens, for the ready line."""
+    import ray
+
+    if args.address:
+        ray.init(address=join_address(args.address), log_to_driver=args.verbose, namespace="serve",
+                 ignore_reinit_error=True)
+        return f"Ray cluster {args.address} (joined)"
+    ray_on_loopback()
+    context = ray.init(address="local", num_cpus=local_cpus(config, num_shards), log_to_driver=args.verbose,
+                       namespace="serve", ignore_reinit_error=True)
+    dashboard = context.dashboard_url or "off"
+    return f"Ray {ray.get_runtime_context().gcs_address} (local, loopback; dashboard {dashboard})"
 
 
 def _stop_event() -> threading.Event:

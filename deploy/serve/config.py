@@ -108,9 +108,12 @@ class ServerConfig(BaseModel):
     api_key: str | None = Field(
         default_factory=_api_key_from_env, min_length=1, repr=False,
         description=f"Bearer token clients must send (HTTP, gRPC); default ${API_KEY_ENV}; None = open.")
-    host: str = Field("127.0.0.1", min_length=1, description="HTTP bind address (0.0.0.0 to expose).")
+    host: str = Field("127.0.0.1", min_length=1,
+                      description="Address the HTTP and gRPC APIs listen on (0.0.0.0: every interface).")
     port: int = _port(8000, "HTTP port.")
-    grpc_port: int = _port(9000, "gRPC port (Serve's gRPC proxy).")
+    grpc_port: int | None = Field(
+        None, ge=1, le=65535, description="gRPC port on `host` (`moray serve`); None = no gRPC API. Under "
+                                          "KubeRay, serveConfigV2's grpc_options start Serve's own proxy.")
     max_body_bytes: int = Field(1_000_000, ge=1, description="Largest HTTP request body accepted.")
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request) accepted.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest `max_tokens` a request may ask for.")
@@ -135,7 +138,7 @@ class ServerConfig(BaseModel):
         if self.max_batch_tokens < self.max_num_seqs:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}): every running sequence decodes one token per step")
-        if self.port == self.grpc_port:
+        if self.grpc_port is not None and self.port == self.grpc_port:
             raise ValueError(f"port and grpc_port must differ (both {self.port})")
         return self
 

@@ -1,8 +1,9 @@
 """The served app for the e2e tests: moray on the tiny checkpoint with 2 expert shards, started once.
 
-It runs on the session's Ray (`ray_session`, a 3-node local cluster) with Serve's proxies on the
-head only (the simulated nodes share one host, so one proxy per node would fight over the port),
-on free ports, without an API key (the key is tested on `moray serve` in test_serve_cli.py).
+It runs on the session's Ray (`ray_session`, a 3-node local cluster) with Serve's HTTP proxy on the
+head only (the simulated nodes share one host, so one proxy per node would fight over the port) and
+moray's gRPC server in this process (as `moray serve` runs them), on free ports, without an API key
+(the key is tested on `moray serve` in test_serve_cli.py).
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ def served_app(ray_session: Any, tiny_dir: Path) -> Iterator[ServedApp]:
     config = ServerConfig(model=str(tiny_dir), served_model_name="moray-tiny-e2e", num_shards=2,
                           max_num_seqs=32, max_batch_tokens=512, max_waiting=32, api_key=None,
                           port=free_port(), grpc_port=free_port(), shard_cpus=0.5, dispatcher_cpus=1.0)
-    run_app(config, proxy_location="HeadOnly")
+    running = run_app(config, proxy_location="HeadOnly")
     app = ServedApp(f"http://127.0.0.1:{config.port}", f"127.0.0.1:{config.grpc_port}", config.app_name,
                     config.served_model_name or "", Path(tiny_dir), ray_session.address, config)
     wait_ready(app.http_url)
     yield app
+    running.stop()
     serve.shutdown()
 
 

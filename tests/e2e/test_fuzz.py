@@ -335,5 +335,6 @@ def test_the_api_key_is_compared_in_constant_time(local_ingress: Any,
 
 
 def test_the_server_binds_localhost_unless_told() -> None:
-    assert ServerConfig().host == "127.0.0.1"
-    assert serve_config(build_parser("serve").parse_args(["serve"])).host == "127.0.0.1"
+    assert ServerConfig().host == "127.0.0.1" and ServerConfig().grpc_port is None
+    default = serve_config(build_parser("serve").parse_args(["serve"]))
+    assert default.host == "127.0.0.1" and default.grpc_port is None  # gRPC only when asked for

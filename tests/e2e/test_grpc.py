@@ -1,6 +1,7 @@
 """The gRPC API against the running Serve app, with HTTP `/v1/completions` as the oracle.
 
-A `grpcio` client built from the checked-in stubs (`deploy/moray_pb2*.py`) must get the same
+moray's gRPC server (`deploy/api/grpc_server.py`, as `moray serve --grpc-port` runs it) in front of the
+app. A `grpcio` client built from the checked-in stubs (`deploy/api/moray_pb2*.py`) must get the same
 tokens and text as the HTTP API for the same request (greedy and seeded), unary and streaming;
 bad arguments get INVALID_ARGUMENT, an unknown model NOT_FOUND, and the server keeps answering.
 """
@@ -150,38 +151,44 @@ API_KEY = "sk-moray-grpc-test"
 
 
 @pytest.fixture(scope="module")
-def keyed_app(served_app: Any) -> Iterator[str]:
-    """A second app with an API key on the same Serve proxies (selected by `application` metadata)."""
+def keyed_stub(served_app: Any) -> Iterator[moray_pb2_grpc.MorayStub]:
+    """A second app with an API key, and moray's gRPC server for it on a port of its own."""
     from ray import serve
 
+    from moray.deploy.api.grpc_server import GrpcServer
     from moray.deploy.app import build_app
+    from moray.deploy.serve.network import free_port
 
     name = "moray-keyed"
     config = served_app.config.model_copy(update={
         "app_name": name, "api_key": API_KEY, "num_shards": 1, "max_num_seqs": 4, "max_batch_tokens": 64,
         "dispatcher_cpus": 0.5})
-    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
-    yield name
+    server = GrpcServer("127.0.0.1", free_port(), serve.run(build_app(config), name=name,
+                                                            route_prefix=f"/{name}")).start()
+    channel = grpc.insecure_channel(server.address)
+    yield moray_pb2_grpc.MorayStub(channel)
+    channel.close()
+    server.stop()
     serve.delete(name)
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", f"Basic {API_KEY}", "Bearer "],
                          ids=["missing", "wrong", "not-bearer", "empty"])
-def test_api_key_required(stub: Any, keyed_app: str, authorization: str | None) -> None:
-    metadata = (("application", keyed_app),) + ((("authorization", authorization),) if authorization else ())
+def test_api_key_required(keyed_stub: Any, authorization: str | None) -> None:
+    metadata = (("authorization", authorization),) if authorization else ()
     for call in (generate, stream):
         with pytest.raises(grpc.RpcError) as info:
-            call(stub, metadata, prompt=PROMPT, max_tokens=2)
+            call(keyed_stub, metadata, prompt=PROMPT, max_tokens=2)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert API_KEY not in info.value.details()
 
 
-def test_api_key_accepted(stub: Any, metadata: Any, keyed_app: str) -> None:
-    keyed = (("application", keyed_app), ("authorization", f"Bearer {API_KEY}"))
+def test_api_key_accepted(stub: Any, metadata: Any, keyed_stub: Any) -> None:
+    keyed = (("authorization", f"Bearer {API_KEY}"),)
     fields = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0.0}
     expected = generate(stub, metadata, **fields)  # the same checkpoint, served without a key
-    assert generate(stub, keyed, **fields).token_ids == expected.token_ids
-    assert "".join(c.text for c in stream(stub, keyed, **fields)) == expected.text
+    assert generate(keyed_stub, keyed, **fields).token_ids == expected.token_ids
+    assert "".join(c.text for c in stream(keyed_stub, keyed, **fields)) == expected.text
 
 
 def running_sequences(served_app: Any) -> int:

@@ -28,6 +28,7 @@ from promql_parser import VectorSelector
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
+from moray.deploy.api.grpc import SERVICER_FUNCTION
 from moray.deploy.serve.config import ServerConfig
 from moray.deploy.serve.metrics import METRICS, exported_names
 
@@ -295,6 +296,18 @@ def test_args_are_a_server_config(file: str, manifest: dict[str, Any]) -> None:
     assert config.app_name == app["name"]
     assert config.port == raw["http_options"]["port"] and config.grpc_port == raw["grpc_options"]["port"]
     assert config.host == raw["http_options"]["host"] == "0.0.0.0"  # pods must listen beyond localhost
+
+
+@pytest.mark.parametrize(("file", "manifest"), SERVICES, ids=SERVICE_IDS)
+def test_exposed_apis_require_the_key_from_a_secret(file: str, manifest: dict[str, Any]) -> None:
+    """Listening on the pod's address (0.0.0.0) is safe only with an API key: every container reads it
+    from the Secret, which is not optional (a pod does not start without it)."""
+    for group in groups(manifest):
+        for container in containers(group):
+            env = {e["name"]: e for e in container.get("env", [])}
+            ref = env["MORAY_API_KEY"]["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == ("moray-api-key", "api-key") and not ref.get("optional")
+    assert serve_config(manifest)["grpc_options"]["grpc_servicer_functions"] == [SERVICER_FUNCTION]
 
 
 @pytest.mark.parametrize(("file", "manifest"), SERVICES, ids=SERVICE_IDS)
