@@ -82,8 +82,8 @@ def format_status(status: Mapping[str, Any], top: int = 5) -> str:
     lines += ["", *table(["SHARD", "REPLICAS", "TOKENS/S", "TOKENS"], _shard_rows(status["shards"]))]
     lines += _balance_lines(status.get("balance"))
     experts = status.get("experts")
-    if experts is None:
-        lines += ["", "no expert shard reported any load yet"]
+    if experts is None or not np.asarray(experts["tokens"]).any():
+        lines += ["", "no expert has served a token yet"]
     else:
         lines += ["", f"hottest experts (of {experts['num_layers']} layers x {experts['num_experts']}):",
                   *table(["LAYER", "EXPERT", "TOKENS/S", "TOKENS", "SHARE OF LAYER"], hottest(experts, top))]

@@ -39,6 +39,9 @@ class Emitter:
         metrics.observe_transport(SHARD, 0.003)
         for phase in metrics.STEP_PHASES:
             metrics.observe_step(phase, 0.001)
+        metrics.set_balancedness([0.5, 0.75], overall=0.6)
+        metrics.record_rebalance("applied", "test", version=2)
+        metrics.set_placement_version(2)
         return ray.get_runtime_context().get_node_id()
 
 

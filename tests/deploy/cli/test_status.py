@@ -54,4 +54,6 @@ def test_status_prints_deployments_shards_and_hot_experts() -> None:
 
 def test_status_before_any_load() -> None:
     quiet = {**STATUS, "shards": {}, "experts": None}
-    assert format_status(quiet).rstrip().endswith("no expert shard reported any load yet")
+    assert format_status(quiet).rstrip().endswith("no expert has served a token yet")
+    idle = {**STATUS, "experts": {**STATUS["experts"], "tokens": [[0] * 4] * 2}}
+    assert format_status(idle).rstrip().endswith("no expert has served a token yet")
