@@ -33,6 +33,7 @@ SKEW_STRENGTH = 4.0  # router logits added to the hot expert (make_tiny's router
 
 SKEW_TARGET_TOKENS_S = 500.0  # autoscaling target per shard replica in the skewed scenario
 REBALANCE_INTERVAL_S = 10.0  # periodic re-placement in "serve autoscaling + re-placement"
+WARMUP_REPEAT = 999  # the warm-up's prompts are those of this repeat index (measured runs use 0, 1, ...)
 
 
 def run_online(args: argparse.Namespace) -> dict[str, Any]:
@@ -219,7 +220,8 @@ def _warm_and_move(target: Any, args: argparse.Namespace, facts: dict[str, Any],
 
     from moray.deploy.serve.state import DISPATCHER
 
-    run_repeat(target, args, c, "warm-up", facts, 0, default_n=4 * c)
+    run_repeat(target, args, c, "warm-up", facts, WARMUP_REPEAT, default_n=4 * c)  # its own prompts: no
+    # prefix-cache hits in the measured runs
     handle = serve.get_deployment_handle(DISPATCHER, target.config.app_name)
     move: dict[str, Any] = handle.rebalance.remote().result(timeout_s=600)
     log.info("bench: re-placement %s in %.1f s: %s", move["outcome"], move["seconds"], move["reason"])
