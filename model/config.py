@@ -1,6 +1,6 @@
 """Mixtral architecture config: a frozen dataclass read from HF `config.json` or Mistral `params.json`.
 
-Both formats are accepted because real checkpoints come in both (DESIGN.md, "Checkpoints").
+Both formats are accepted because real checkpoints come in both.
 transformers 5 writes `rope_parameters: {rope_theta, rope_type}` and `head_dim: null`; older HF and
 Mistral configs carry `rope_theta` at the top level. A missing theta is an error, not a silent 1e4.
 """

@@ -1,7 +1,7 @@
 """Experts: the `ExpertRequest` contract, a grouped `ExpertBank`, and the in-process `LocalExperts`.
 
 Shape letters: n rows sent, k expert slots per row (≤ A), D dim, F expert hidden, E experts held.
-DESIGN.md, "The expert call": y[n, D] = Σ_j gates[:, j] · SwiGLU_{expert_ids[:, j]}(x), where
+docs/design.md, "The contracts": y[n, D] = Σ_j gates[:, j] · SwiGLU_{expert_ids[:, j]}(x), where
 expert_ids = -1 marks a slot whose expert lives on another shard.
 """
 

@@ -1,6 +1,6 @@
 """The Mixtral model, attention side: embeddings, attention, norms, routers, lm_head.
 
-The experts sit behind the `ExpertBackend` contract (DESIGN.md, "The expert call"): an awaitable
+The experts sit behind the `ExpertBackend` contract (docs/design.md, "The contracts"): an awaitable
 `(layer, x [T, D], ids [T, A], gates [T, A]) -> y [T, D]`. `LocalExperts` serves it in process;
 the dispatcher serves it from expert shards. Shape letters as in layers.py.
 """
