@@ -100,15 +100,30 @@ def _start_shards(transport: str, group: str | None) -> tuple[list[Any], Any]:
     if transport == "serve":
         from ray import serve
 
-        serve.start(proxy_location="Disabled")
+        started = not _serve_running()
+        if started:  # no proxies: nothing here is reached over HTTP
+            serve.start(proxy_location="Disabled")
         deployment: Any = serve.deployment(EchoShard, ray_actor_options={"num_cpus": 0})
         apps = [deployment.options(name=f"hop-shard-{s}").bind(s) for s in range(2)]
         handles = [serve.run(app, name=f"moray-hop-{s}", route_prefix=None) for s, app in enumerate(apps)]
-        return handles, lambda: [serve.delete(f"moray-hop-{s}") for s in range(2)]
+
+        def stop() -> None:
+            for s in range(2):
+                serve.delete(f"moray-hop-{s}")
+            if started:  # a Serve started without proxies must not outlive us: a later app needs its own
+                serve.shutdown()
+
+        return handles, stop
     actor: Any = ray.remote(num_cpus=0)(EchoShard)
     shards = [actor.remote(s, group) for s in range(2)]
     ray.get([s.ready.remote() for s in shards])
     return shards, lambda: [ray.kill(s) for s in shards]
+
+
+def _serve_running() -> bool:
+    from ray.serve.context import _get_global_client  # Serve has no public "is it running" call
+
+    return _get_global_client(raise_if_no_controller_running=False) is not None
 
 
 def measure_hop(transports: Sequence[str] = TRANSPORTS, rows: Sequence[int] = ROWS,

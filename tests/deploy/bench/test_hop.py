@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from moray.deploy.bench.hop import ROWS, TRANSPORTS
+from moray.deploy.bench.hop import ROWS, TRANSPORTS, _serve_running
 from moray.deploy.bench.main import parse_system
 from moray.deploy.cli import main as cli_main
 
@@ -16,9 +16,12 @@ from moray.deploy.cli import main as cli_main
 def test_hop_measures_every_transport(ray_session: Any, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """Echo shards behind Serve handles, Ray actors, shared memory and TCP: each answers every row count
-    (the echo is checked inside), and the table names them all."""
+    (the echo is checked inside), and the table names them all. A Serve it started (without proxies) is
+    shut down again: the session's apps that come later need Serve's HTTP proxy."""
+    serve_before = _serve_running()
     out = tmp_path / "hop.json"
     assert cli_main(["bench", "--hop", "--num-requests", "5", "--out", str(out)]) == 0
+    assert _serve_running() == serve_before
     hop = json.loads(out.read_text())["hop"]
     assert list(hop) == list(TRANSPORTS)
     for per_rows in hop.values():
