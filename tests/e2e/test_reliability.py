@@ -403,6 +403,42 @@ def test_python_client_streams_resume(resume_app: FaultApp) -> None:
     assert not reader.is_alive() and "".join(pieces) == want
 
 
+def test_grpc_streams_resume(resume_app: FaultApp) -> None:
+    """moray's gRPC server in front of the app's ingress: a `GenerateStream` pauses across the dispatcher's
+    death and gives the token ids and text of the run without a fault."""
+    import threading
+
+    import grpc
+    from ray import serve
+
+    from moray.deploy.api import moray_pb2, moray_pb2_grpc
+    from moray.deploy.api.grpc_server import GrpcServer
+    from moray.deploy.serve.network import free_port
+
+    port = free_port()
+    server = GrpcServer("127.0.0.1", port, serve.get_app_handle(RESUME_APP)).start()
+    request = moray_pb2.GenerateRequest(prompt_token_ids=moray_pb2.TokenIds(ids=PROMPTS[5]),
+                                        max_tokens=RESUME_TOKENS, temperature=0.8, seed=11, ignore_eos=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = moray_pb2_grpc.MorayStub(channel)
+            want = [(c.token_id, c.text) for c in stub.GenerateStream(request, timeout=TIMEOUT_S)]
+            got: list[tuple[int, str]] = []
+            reader = threading.Thread(target=lambda: got.extend(
+                (c.token_id, c.text) for c in stub.GenerateStream(request, timeout=TIMEOUT_S)))
+            reader.start()
+            deadline = time.monotonic() + TIMEOUT_S
+            while len(got) < 10:
+                assert time.monotonic() < deadline and reader.is_alive(), got
+                time.sleep(0.01)
+            for pid in replica_pids(RESUME_APP, "dispatcher"):
+                kill(pid)
+            reader.join(TIMEOUT_S)
+        assert not reader.is_alive() and len(want) == RESUME_TOKENS and got == want
+    finally:
+        server.stop()
+
+
 def test_a_gone_client_is_not_resumed(resume_app: FaultApp) -> None:
     """A stream whose client left before the dispatcher died is not continued anywhere: the restarted
     dispatcher replicas never run a step."""
