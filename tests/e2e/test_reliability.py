@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,10 +378,28 @@ def test_streams_resume_when_their_dispatcher_dies(resume_app: FaultApp, replica
     print(f"\ndispatcher killed ({replicas} replica(s)): 8 streams resumed and done {done_s:.1f} s later")
 
 
+def read_across_a_kill(stream: Callable[[], Iterable[Any]], before: int = 10) -> list[Any]:
+    """Read `stream()` on a thread; after `before` items SIGKILL every dispatcher replica of the resume
+    app; return everything the stream gave once it ends."""
+    import threading
+
+    items: list[Any] = []
+    reader = threading.Thread(target=lambda: items.extend(stream()))  # extend appends as items come
+    reader.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(items) < before:
+        assert time.monotonic() < deadline and reader.is_alive(), items
+        time.sleep(0.01)
+    for pid in replica_pids(RESUME_APP, "dispatcher"):
+        kill(pid)
+    reader.join(TIMEOUT_S)
+    assert not reader.is_alive(), "the stream did not end"
+    return items
+
+
 def test_python_client_streams_resume(resume_app: FaultApp) -> None:
     """`MorayClient.stream` (through the ingress handle, no HTTP) pauses across a dispatcher's death and
     gives the text of the run without a fault."""
-    import threading
 
     from ray import serve
 
@@ -390,23 +408,13 @@ def test_python_client_streams_resume(resume_app: FaultApp) -> None:
     client = MorayClient(serve.get_app_handle(RESUME_APP), RESUME_APP)
     sampling = {"max_tokens": RESUME_TOKENS, "temperature": 0.8, "seed": 7, "ignore_eos": True}
     want = "".join(client.stream(PROMPTS[3], **sampling))
-    pieces: list[str] = []
-    reader = threading.Thread(target=lambda: pieces.extend(client.stream(PROMPTS[3], **sampling)))
-    reader.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    while len(pieces) < 10:
-        assert time.monotonic() < deadline and reader.is_alive(), pieces
-        time.sleep(0.01)
-    for pid in replica_pids(RESUME_APP, "dispatcher"):
-        kill(pid)
-    reader.join(TIMEOUT_S)
-    assert not reader.is_alive() and "".join(pieces) == want
+    pieces = read_across_a_kill(lambda: client.stream(PROMPTS[3], **sampling))
+    assert "".join(pieces) == want
 
 
 def test_grpc_streams_resume(resume_app: FaultApp) -> None:
     """moray's gRPC server in front of the app's ingress: a `GenerateStream` pauses across the dispatcher's
     death and gives the token ids and text of the run without a fault."""
-    import threading
 
     import grpc
     from ray import serve
@@ -423,18 +431,9 @@ def test_grpc_streams_resume(resume_app: FaultApp) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = moray_pb2_grpc.MorayStub(channel)
             want = [(c.token_id, c.text) for c in stub.GenerateStream(request, timeout=TIMEOUT_S)]
-            got: list[tuple[int, str]] = []
-            reader = threading.Thread(target=lambda: got.extend(
+            got = read_across_a_kill(lambda: (
                 (c.token_id, c.text) for c in stub.GenerateStream(request, timeout=TIMEOUT_S)))
-            reader.start()
-            deadline = time.monotonic() + TIMEOUT_S
-            while len(got) < 10:
-                assert time.monotonic() < deadline and reader.is_alive(), got
-                time.sleep(0.01)
-            for pid in replica_pids(RESUME_APP, "dispatcher"):
-                kill(pid)
-            reader.join(TIMEOUT_S)
-        assert not reader.is_alive() and len(want) == RESUME_TOKENS and got == want
+        assert len(want) == RESUME_TOKENS and got == want
     finally:
         server.stop()
 
