@@ -3,11 +3,13 @@
 `open_channel` connects to a shard replica's `ShardEndpoint` (blocking; run it off the event loop)
 and returns a `Channel` whose `call(...)` sends one layer's rows and adds the answer into the
 caller's output, on the engine's event loop:
-- `SharedChannel` (same node): the request is copied into a pre-allocated shared `memfd` region and
-  an eventfd is signalled; the caller that sent a step's last chunk polls the reply eventfd for
-  `SPIN_S`, then every caller waits through the event loop (the eventfd is watched by `add_reader`
-  for the channel's life). No syscall beyond the two eventfd operations, no pickling, no buffers
-  allocated per call.
+- `SharedChannel` (same node): the request is gathered into a pre-allocated shared `memfd` region and
+  an eventfd is signalled; the caller that sent a step's last chunk then polls the reply eventfds of
+  every call of the step still waiting (a few µs a round; a blocked wake-up costs ~27 µs on a VM and
+  an event-loop turn more), for at most `SPIN_MAX_S` and no longer than twice the recent round trip,
+  so a shard that computes for milliseconds is not spun for. What is not answered by then is waited
+  for through the event loop (each reply eventfd is watched by `add_reader` for the channel's life).
+  No syscall beyond the two eventfd operations, no pickling, no buffers allocated per call.
 - `SocketChannel` (other nodes, or `transport="socket"`): the same frame on a TCP stream, read into
   a pre-allocated buffer by the event loop's reader callback.
 
@@ -46,7 +48,8 @@ from moray.actors.frames import (
 
 log = logging.getLogger(__name__)
 
-SPIN_S = 20e-6  # poll the reply this long before yielding to the event loop
+SPIN_MAX_S = 300e-6  # the longest a step's last call polls for the replies before yielding to the loop
+SPIN_MIN_S = 20e-6
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -92,6 +95,15 @@ class ChannelSpec:
     @property
     def capacity(self) -> int:
         return capacity(self.max_rows, self.dim, self.dtype, self.max_slots)
+
+
+def add_rows(out: torch.Tensor, rows: torch.Tensor | None, y: torch.Tensor) -> None:
+    """out[rows] += y (every row when `rows` is None): a shard's answer added into the layer's output."""
+    y = y.to(out.device)
+    if rows is None:
+        out.add_(y)
+    else:
+        out.index_add_(0, rows.to(out.device), y)
 
 
 def _await_welcome(sock: socket.socket, endpoint: Endpoint) -> None:
@@ -143,8 +155,10 @@ class Channel:
         pass
 
     async def call(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor, spin: bool = False) -> None:
-        """Send x [n, D] with its expert ids and gates; add the answer into `out` at `rows`. `tags` (the
+                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor | None,
+                   spin: bool = False) -> None:
+        """Send the rows `rows` of the layer's x [T, D] (every row when None; gathered straight into the
+        frame) with their expert ids and gates [n, k]; add the answer into `out` at `rows`. `tags` (the
         step's request ids, sent with layer 0) are for the shard's logs; `spin`: poll for the answer
         briefly before yielding to the event loop (for the last call of a step to be sent)."""
         assert self._lock is not None, "attach() the channel to the event loop first"
@@ -165,7 +179,7 @@ class Channel:
             self.in_flight -= 1
 
     async def _exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                        tags: bytes, out: torch.Tensor, rows: torch.Tensor, spin: bool) -> None:
+                        tags: bytes, out: torch.Tensor, rows: torch.Tensor | None, spin: bool) -> None:
         raise NotImplementedError
 
     def fail(self, why: str) -> None:
@@ -200,6 +214,7 @@ class SharedChannel(Channel):
                  req_fd: int, rep_fd: int) -> None:
         super().__init__(endpoint, spec, sock)
         self.mm, self.req_fd, self.rep_fd = mm, req_fd, rep_fd
+        self.round_trip_s = SPIN_MIN_S  # moving average: how long this channel's answers take
         cap = spec.capacity
         self.req = FrameBuffer(memoryview(mm)[:cap])
         self.rep = FrameBuffer(memoryview(mm)[cap:])
@@ -230,27 +245,49 @@ class SharedChannel(Channel):
         loop.add_reader(self.rep_fd, self._replied)
 
     async def _exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                        tags: bytes, out: torch.Tensor, rows: torch.Tensor, spin: bool) -> None:
+                        tags: bytes, out: torch.Tensor, rows: torch.Tensor | None, spin: bool) -> None:
         assert self._loop is not None
         self.seq += 1
-        self.req.write_request(self.seq, layer, x, expert_ids, gates, tags)
-        self._waiter = self._loop.create_future()
+        self.req.write_request(self.seq, layer, x, expert_ids, gates, tags, rows)
+        waiter = self._waiter = self._loop.create_future()
+        sent = time.perf_counter()
         os.eventfd_write(self.req_fd, 1)
-        if not (spin and self._spin()):
-            await self._waiter
-        self._waiter = None
-        y = self.rep.read_reply(self.seq, len(x), x.shape[1], x.dtype)
-        out.index_add_(0, rows, y.to(out.device))
+        _waiting.add(self)
+        try:
+            if spin:
+                self._spin()
+            await waiter
+        finally:
+            _waiting.discard(self)
+            self._waiter = None
+        self.round_trip_s += 0.2 * (time.perf_counter() - sent - self.round_trip_s)
+        add_rows(out, rows, self.rep.read_reply(self.seq, len(expert_ids), x.shape[1], x.dtype))
 
-    def _spin(self) -> bool:
-        end = time.perf_counter() + SPIN_S
-        while True:
-            try:
-                os.eventfd_read(self.rep_fd)
-                return True
-            except BlockingIOError:
-                if time.perf_counter() > end:
-                    return False
+    def _spin(self) -> None:
+        """Poll the reply eventfd of every call waiting on this loop (this step's other chunks too), and
+        wake each one answered, until all are or the budget is spent: twice the slowest recent round
+        trip, within [SPIN_MIN_S, SPIN_MAX_S]; nothing when that is longer than SPIN_MAX_S."""
+        waiting = [c for c in _waiting if c._loop is self._loop]
+        expect = max(c.round_trip_s for c in waiting)
+        if expect > SPIN_MAX_S:
+            return
+        end = time.perf_counter() + min(max(2 * expect, SPIN_MIN_S), SPIN_MAX_S)
+        while waiting:
+            waiting = [c for c in waiting if not c._poll()]
+            if time.perf_counter() > end:
+                return
+
+    def _poll(self) -> bool:
+        """Whether the call in flight has its answer (waking it if so)."""
+        w = self._waiter
+        if w is None or w.done():
+            return True
+        try:
+            os.eventfd_read(self.rep_fd)
+        except BlockingIOError:
+            return False
+        self._wake()
+        return True
 
     def _replied(self) -> None:
         try:
@@ -295,6 +332,9 @@ class SharedChannel(Channel):
             pass  # a view is still referenced somewhere; the mapping goes with it
 
 
+_waiting: set[SharedChannel] = set()  # calls awaiting their answer (all loops; a spin polls its own loop's)
+
+
 class SocketChannel(Channel):
     def __init__(self, endpoint: Endpoint, spec: ChannelSpec, sock: socket.socket) -> None:
         super().__init__(endpoint, spec, sock)
@@ -317,16 +357,15 @@ class SocketChannel(Channel):
         return cls(endpoint, spec, sock)
 
     async def _exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                        tags: bytes, out: torch.Tensor, rows: torch.Tensor, spin: bool) -> None:
+                        tags: bytes, out: torch.Tensor, rows: torch.Tensor | None, spin: bool) -> None:
         assert self._loop is not None
         self.seq += 1
-        n = self.out.write_request(self.seq, layer, x, expert_ids, gates, tags)
+        n = self.out.write_request(self.seq, layer, x, expert_ids, gates, tags, rows)
         self._waiter = self._loop.create_future()
         await self._loop.sock_sendall(self.sock, memoryview(self.outbound)[:n])
         await self._waiter  # resolved by `_readable` once a whole reply is in `inbound`
         try:
-            y = self.inb.read_reply(self.seq, len(x), x.shape[1], x.dtype)
-            out.index_add_(0, rows, y.to(out.device))
+            add_rows(out, rows, self.inb.read_reply(self.seq, len(expert_ids), x.shape[1], x.dtype))
         finally:
             self._got, self._want = 0, HEADER_BYTES
             self._loop.add_reader(self.sock.fileno(), self._readable)  # paused while the reply was read

@@ -10,7 +10,9 @@ shared-memory region and on a socket, so both transports read and write through 
 Every header carries a magic number, the format version and the sender's sequence number: the
 receiver refuses (`FrameError`, a clear message, never a wrong answer) a frame whose magic, kind,
 sequence number, sizes or dtypes are not what the channel agreed on. Reading a frame makes tensor
-views into the buffer, not copies: no pickling, no per-layer allocation beyond the views.
+views into the buffer, not copies, and the views of a given frame shape are made once per buffer and
+reused: no pickling, no per-layer allocation. Writing gathers a request's rows straight into the
+buffer (`index_select` into the frame's view), so the dispatcher never copies them twice.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
@@ -42,6 +46,10 @@ class Kind(IntEnum):
     WELCOME = 6  # the shard accepted a HELLO
 
 
+KINDS = frozenset(int(k) for k in Kind)
+MAX_VIEWS = 1024  # tensor views a FrameBuffer keeps (one per frame shape seen; cleared when full)
+
+
 class FrameError(ValueError):
     """A frame that breaks the channel's agreement (truncated, out of sequence, oversized, wrong dtype)."""
 
@@ -50,8 +58,7 @@ class RemoteError(RuntimeError):
     """The peer answered with an error frame (its own code raised, or it refused our frame)."""
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):  # a tuple: built and read on every frame, so no dataclass machinery
     kind: int
     seq: int
     layer: int
@@ -76,7 +83,7 @@ class Header:
             raise FrameError(f"not a moray frame (magic {magic:#x})")
         if version != VERSION:
             raise FrameError(f"frame format version {version}, this side speaks {VERSION}")
-        if kind not in Kind.__members__.values():
+        if kind not in KINDS:
             raise FrameError(f"unknown frame kind {kind}")
         return cls(kind, seq, layer, rows, slots, dim, xd, gd, tags, payload)
 
@@ -103,11 +110,16 @@ class Sections:
 
     @classmethod
     def of(cls, rows: int, slots: int, dim: int, x_size: int, gates_size: int, tag_bytes: int) -> Sections:
-        x = HEADER_BYTES
-        ids = x + _align(rows * dim * x_size)
-        gates = ids + _align(rows * slots * 8)
-        tags = gates + _align(rows * slots * gates_size)
-        return cls(x, ids, gates, tags, tags + tag_bytes)
+        return _sections(rows, slots, dim, x_size, gates_size, tag_bytes)
+
+
+@lru_cache(maxsize=4096)  # a handful of shapes, looked up on every frame
+def _sections(rows: int, slots: int, dim: int, x_size: int, gates_size: int, tag_bytes: int) -> Sections:
+    x = HEADER_BYTES
+    ids = x + _align(rows * dim * x_size)
+    gates = ids + _align(rows * slots * 8)
+    tags = gates + _align(rows * slots * gates_size)
+    return Sections(x, ids, gates, tags, tags + tag_bytes)
 
 
 def capacity(max_rows: int, dim: int, dtype: torch.dtype, max_slots: int = 2) -> int:
@@ -143,25 +155,43 @@ class FrameBuffer:
     def __init__(self, buf: memoryview) -> None:
         self.buf = buf
         self.u8 = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
+        self._views: dict[tuple[int, int, int, torch.dtype], torch.Tensor] = {}
 
-    def _view(self, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.u8[offset:offset + count * dtype.itemsize].view(dtype)
+    def _view(self, offset: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """The [rows, cols] `dtype` tensor at `offset` in the buffer (made once per shape, then reused)."""
+        key = (offset, rows, cols, dtype)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= MAX_VIEWS:
+                self._views.clear()
+            view = self.u8[offset:offset + rows * cols * dtype.itemsize].view(dtype).view(rows, cols)
+            self._views[key] = view
+        return view
 
     def _room(self, end: int) -> None:
         if end > len(self.buf):
             raise FrameError(f"oversized frame: {end} bytes, the channel holds {len(self.buf)}")
 
     def write_request(self, seq: int, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
-                      gates: torch.Tensor, tags: bytes = b"") -> int:
-        """Write a request; returns the frame's length in bytes."""
-        (rows, dim), slots = x.shape, expert_ids.shape[1]
-        sec = Sections.of(rows, slots, dim, x.element_size(), gates.element_size(), len(tags))
+                      gates: torch.Tensor, tags: bytes = b"", rows: torch.Tensor | None = None) -> int:
+        """Write a request: the rows `rows` of x (every row when None) with their expert ids and gates
+        [len(rows), k]; returns the frame's length in bytes."""
+        dim, slots = x.shape[1], expert_ids.shape[1]
+        n = x.shape[0] if rows is None else len(rows)
+        sec = Sections.of(n, slots, dim, x.element_size(), gates.element_size(), len(tags))
         self._room(sec.end)
-        self._view(sec.x, rows * dim, x.dtype).view(rows, dim).copy_(x)
-        self._view(sec.ids, rows * slots, torch.int64).view(rows, slots).copy_(expert_ids)
-        self._view(sec.gates, rows * slots, gates.dtype).view(rows, slots).copy_(gates)
-        self.buf[sec.tags:sec.end] = tags
-        Header(Kind.REQUEST, seq, layer, rows, slots, dim, dtype_code(x.dtype), dtype_code(gates.dtype),
+        xs = self._view(sec.x, n, dim, x.dtype)
+        if rows is None:
+            xs.copy_(x)
+        elif x.device == xs.device:
+            torch.index_select(x, 0, rows, out=xs)  # gathered straight into the frame
+        else:
+            xs.copy_(x.index_select(0, rows.to(x.device)))
+        self._view(sec.ids, n, slots, torch.int64).copy_(expert_ids)
+        self._view(sec.gates, n, slots, gates.dtype).copy_(gates)
+        if tags:
+            self.buf[sec.tags:sec.end] = tags
+        Header(Kind.REQUEST, seq, layer, n, slots, dim, dtype_code(x.dtype), dtype_code(gates.dtype),
                len(tags), sec.end - HEADER_BYTES).pack_into(self.buf)
         return sec.end
 
@@ -182,17 +212,17 @@ class FrameBuffer:
             raise FrameError(f"truncated or padded frame: payload {h.payload} bytes, its header implies "
                              f"{sec.end - HEADER_BYTES}")
         self._room(sec.end)
-        tags = bytes(self.buf[sec.tags:sec.end]).decode("utf-8", "replace")
-        return Request(h.seq, h.layer, self._view(sec.x, h.rows * h.dim, x_dtype).view(h.rows, h.dim),
-                       self._view(sec.ids, h.rows * h.slots, torch.int64).view(h.rows, h.slots),
-                       self._view(sec.gates, h.rows * h.slots, gates_dtype).view(h.rows, h.slots),
+        tags = bytes(self.buf[sec.tags:sec.end]).decode("utf-8", "replace") if h.tag_bytes else ""
+        return Request(h.seq, h.layer, self._view(sec.x, h.rows, h.dim, x_dtype),
+                       self._view(sec.ids, h.rows, h.slots, torch.int64),
+                       self._view(sec.gates, h.rows, h.slots, gates_dtype),
                        tuple(tags.split("\n")) if tags else ())
 
     def write_reply(self, seq: int, layer: int, y: torch.Tensor) -> int:
         rows, dim = y.shape
         end = HEADER_BYTES + rows * dim * y.element_size()
         self._room(end)
-        self._view(HEADER_BYTES, rows * dim, y.dtype).view(rows, dim).copy_(y)
+        self._view(HEADER_BYTES, rows, dim, y.dtype).copy_(y)
         Header(Kind.REPLY, seq, layer, rows, 0, dim, dtype_code(y.dtype), 0, 0, end - HEADER_BYTES
                ).pack_into(self.buf)
         return end
@@ -216,7 +246,7 @@ class FrameBuffer:
         if h.payload != rows * dim * dtype.itemsize:
             raise FrameError(f"truncated reply: payload {h.payload} bytes, "
                              f"expected {rows * dim * dtype.itemsize}")
-        return self._view(HEADER_BYTES, rows * dim, dtype).view(rows, dim)
+        return self._view(HEADER_BYTES, rows, dim, dtype)
 
     def header(self, kind: Kind, expected_seq: int) -> Header:
         h = Header.unpack(self.buf)

@@ -144,6 +144,26 @@ class Placement:
         return cls.from_json(Path(path).read_text())
 
     # ---- routing -----------------------------------------------------------------------------------
+    def shards_of(self, layer: int, expert_ids: np.ndarray) -> np.ndarray:
+        """`route` without `loads`, in numpy: the shard serving each (token, slot), [T, A]. With one copy
+        of every expert (the default) a single lookup (a few µs; it runs on every layer of every step)."""
+        owner = self._owner
+        if owner is None:
+            return self.route(layer, torch.from_numpy(expert_ids)).numpy()
+        return owner[layer][expert_ids + 1]  # id -1 reads column 0, which is -1
+
+    @cached_property
+    def _owner(self) -> np.ndarray | None:
+        """[L, 1 + E] the shard of each expert, column 0 (expert id -1) -1; None when some expert has
+        more than one copy. Routing runs once per layer per step, so the common case is one numpy
+        lookup (a few µs) instead of a dozen small torch ops."""
+        table, _ = self._tables
+        if table.shape[-1] != 1:
+            return None
+        owner = np.full((table.shape[0], table.shape[1] + 1), -1, dtype=np.int64)
+        owner[:, 1:] = table[..., 0].numpy()
+        return owner
+
     @cached_property
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """owner table [L, E, C] (shard ids, -1 past the count) and copy counts [L, E]."""
@@ -168,14 +188,15 @@ class Placement:
         """
         if loads is not None and len(loads) != self.num_shards:
             raise ValueError(f"loads has {len(loads)} entries, the placement has {self.num_shards} shards")
+        if self._owner is not None:
+            shard = self.shards_of(layer, expert_ids.detach().to("cpu", torch.long).numpy())
+            return torch.from_numpy(shard).to(expert_ids.device)
         table, counts = self._tables
         flat = expert_ids.reshape(-1).to(torch.long).cpu()  # [T*A]
         valid = flat >= 0
         e = flat.clamp(min=0)
         owners, cnt = table[layer][e], counts[layer][e]  # [N, C], [N]
-        if table.shape[-1] == 1:  # one copy of every expert (the default): a lookup
-            copy = torch.zeros_like(flat)
-        elif loads is None:
+        if loads is None:
             copy = _occurrence_rank(torch.where(valid, flat, -1)) % cnt.clamp(min=1)
         else:
             rank = _occurrence_rank(torch.where(valid, flat, -1))  # [N]

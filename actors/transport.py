@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
+from moray.actors.channel import add_rows
 from moray.actors.placement import Placement, split_among_replicas
 from moray.model.engine import STEP_REQUESTS
 from moray.model.experts import split_by_shard
@@ -47,9 +48,11 @@ class ShardUnavailableError(RuntimeError):
 
 class Link(Protocol):
     async def call(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor, spin: bool = False) -> None:
-        """Send x [n, D] with its expert ids [n, k] and gates [n, k]; add y [n, D] into out[rows].
-        `spin`: this is the step's last call to go out, it may poll for its answer."""
+                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor | None,
+                   spin: bool = False) -> None:
+        """Send the rows `rows` of the layer's x [T, D] (all of them when None) with their expert ids
+        [n, k] and gates [n, k]; add y [n, D] into out[rows]. `spin`: this is the step's last call to
+        go out, it may poll for its answer."""
 
 
 class Links(Protocol):
@@ -91,15 +94,17 @@ class HandleLink:
         self.handle = handle
 
     async def call(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor, spin: bool = False) -> None:
-        response = self.handle.serve.remote(layer, x, expert_ids, gates, tuple(tags))
+                   tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor | None,
+                   spin: bool = False) -> None:
+        xs = x if rows is None else x.index_select(0, rows.to(x.device))
+        response = self.handle.serve.remote(layer, xs, expert_ids, gates, tuple(tags))
         try:
             y = await response
         except asyncio.CancelledError:
             if hasattr(response, "cancel"):  # a Serve DeploymentResponse (a Ray ObjectRef has none)
                 response.cancel()
             raise
-        out.index_add_(0, rows, y.to(out.device))
+        add_rows(out, rows, y)
 
 
 class HandleLinks:
@@ -201,16 +206,23 @@ class ShardedExperts:
 
     async def _layer(self, placement: Placement, layer: int, x: torch.Tensor, ids: torch.Tensor,
                      gates: torch.Tensor) -> torch.Tensor:
-        shard_of = placement.route(layer, ids)  # [T, A]
-        parts = split_by_shard(ids, gates, shard_of, self.num_shards)
+        ids_np = ids.detach().to("cpu", torch.long).numpy()  # routing is index work on the CPU, in numpy
+        parts = split_by_shard(ids_np, gates, placement.shards_of(layer, ids_np), self.num_shards)
         tags = STEP_REQUESTS.get() if layer == 0 else ()  # request ids reach the shards' logs once a step
         y = torch.zeros_like(x)
-        jobs = []
+        jobs: list[tuple[int, Link | None, torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
         for s, (rows, sids, sgates) in enumerate(parts):
+            n = rows.shape[0]
+            if n == 0:
+                continue
             links = self.links.links(s)
-            for i, c in enumerate(self._split(len(rows), len(links))):
-                jobs.append((s, links[i % len(links)] if links else None, rows[c], sids[c], sgates[c]))
-        calls = [self._call(s, link, layer, x[rows], sids, sgates, tags, y, rows, i == len(jobs) - 1)
+            chunks = self._split(n, len(links))
+            if len(chunks) == 1:  # the usual case: one replica takes all of the shard's rows
+                jobs.append((s, links[0] if links else None, None if n == x.shape[0] else rows, sids, sgates))
+                continue
+            for i, c in enumerate(chunks):
+                jobs.append((s, links[i % len(links)], rows[c], sids[c], sgates[c]))
+        calls = [self._call(s, link, layer, x, sids, sgates, tags, y, rows, i == len(jobs) - 1)
                  for i, (s, link, rows, sids, sgates) in enumerate(jobs)]
         if len(calls) == 1:
             await calls[0]
@@ -220,15 +232,15 @@ class ShardedExperts:
 
     def _split(self, n: int, links: int) -> list[slice]:
         """A shard's n rows in chunks: one per live replica, none larger than a frame."""
-        if n == 0:
-            return []
         k = max(1, min(links, n // self.min_split_rows), -(-n // self.links.max_rows))
+        if k == 1:
+            return [slice(0, n)]
         sizes = split_among_replicas(n, [0.0] * k)
         bounds = [sum(sizes[:i]) for i in range(k + 1)]
         return [slice(bounds[i], bounds[i + 1]) for i in range(k)]
 
     async def _call(self, shard: int, link: Link | None, layer: int, x: torch.Tensor, ids: torch.Tensor,
-                    gates: torch.Tensor, tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor,
+                    gates: torch.Tensor, tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor | None,
                     spin: bool) -> None:
         start = time.perf_counter()
         deadline, attempt = start + self.shard_timeout_s, 0

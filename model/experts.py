@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -204,19 +207,50 @@ def reference_moe(
     return y
 
 
-def split_by_shard(
-    ids: torch.Tensor, gates: torch.Tensor, shard_of: torch.Tensor, num_shards: int
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per shard: (rows, expert_ids [n, A] with -1 where another shard serves, gates [n, A]).
+def _numpy(a: torch.Tensor | np.ndarray) -> np.ndarray:
+    return a if isinstance(a, np.ndarray) else a.detach().to("cpu", torch.long).numpy()
+
+
+@lru_cache(maxsize=1024)
+def _arange(n: int) -> torch.Tensor:
+    """A shared arange(n): read only."""
+    return torch.arange(n)
+
+
+class ShardPart(NamedTuple):
+    """One shard's share of a layer's tokens."""
+
+    rows: torch.Tensor  # [n] int64 (CPU): which rows of the layer's x go to the shard, ascending
+    expert_ids: torch.Tensor  # [n, A] int64 (CPU), -1 where another shard serves the slot
+    gates: torch.Tensor  # [n, A] (the gates' device and dtype); a slot whose id is -1 is ignored
+
+
+def split_by_shard(ids: torch.Tensor | np.ndarray, gates: torch.Tensor, shard_of: torch.Tensor | np.ndarray,
+                   num_shards: int) -> list[ShardPart]:
+    """Per shard: its rows, their expert ids with -1 where another shard serves, and their gates.
 
     ids, gates, shard_of: [T, A]. A token goes to a shard once, with every slot that shard serves.
+    Runs on every layer of every step on a few dozen elements, where each torch op costs microseconds of
+    dispatch: the index work is a handful of numpy operations over all shards at once.
     """
+    ids_np, shard_np = _numpy(ids), _numpy(shard_of)
+    t, a = ids_np.shape
+    mine = shard_np[None] == np.arange(num_shards)[:, None, None]  # [S, T, A]
+    hit = mine.any(axis=2)  # [S, T]
+    rows_per_shard, slots_per_shard = hit.sum(axis=1).tolist(), mine.sum(axis=(1, 2)).tolist()
+    every_row = _arange(t)
     parts = []
     for s in range(num_shards):
-        mine = shard_of == s  # [T, A]
-        rows = mine.any(dim=1).nonzero().squeeze(1)  # [n]
-        if len(rows):
-            parts.append((rows, torch.where(mine[rows], ids[rows], -1), gates[rows] * mine[rows]))
+        n = rows_per_shard[s]
+        if n == t:  # every row (a small decode step's usual case): nothing to gather
+            rows, sids, sgates = every_row, ids_np, gates
         else:
-            parts.append((rows, ids[:0], gates[:0]))
+            r = np.flatnonzero(hit[s])
+            rows, sids = torch.from_numpy(r), ids_np[r]
+            sgates = gates.index_select(0, rows.to(gates.device))
+        if slots_per_shard[s] == n * a:  # every slot of its rows is this shard's
+            parts.append(ShardPart(rows, torch.from_numpy(np.array(sids)), sgates))
+        else:
+            m = mine[s] if n == t else mine[s][rows.numpy()]
+            parts.append(ShardPart(rows, torch.from_numpy(np.where(m, sids, -1)), sgates))
     return parts

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +63,7 @@ def test_request_round_trip(dtype: torch.dtype) -> None:
 
 def corrupt(buf: FrameBuffer, **fields: int) -> None:
     h = Header.unpack(buf.buf)
-    values = {**vars(h), **fields}
-    Header(**values).pack_into(buf.buf)
+    h._replace(**fields).pack_into(buf.buf)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -164,6 +163,50 @@ def test_channel_answers_equal_the_shard(shard: ExpertShard, endpoint: tuple[Sha
     while endpoint[0].connected() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert endpoint[0].connected() == 0
+
+
+def test_a_step_over_two_channels_gathers_its_rows_and_every_answer_arrives() -> None:
+    """As the dispatcher sends a step: each channel gets some rows of the layer's x (gathered into the
+    frame), the last call polls for every reply of the step; each answer lands at its rows. Fast shards
+    (they scale their rows: no expert compute), so round trips stay under the polling budget and the poll
+    is what answers; a reply it took but did not hand to its call would hang the step (a timeout here)."""
+    dim, layers = 16, 4
+
+    def scaled(factor: float) -> Callable[..., torch.Tensor]:
+        return lambda layer, x, ids, gates, tags: x * factor + layer
+
+    ends = [ShardEndpoint(scaled(f), Limits(0, dim, torch.float32, layers)) for f in (2.0, -3.0)]
+    try:
+        async def run() -> None:
+            channels = [open_channel(Endpoint.from_dict({**e.address(), "shard": i, "replica": f"r{i}",
+                                                         "node": None}),
+                                     ChannelSpec(max_rows=16, dim=dim, dtype=torch.float32), True)
+                        for i, e in enumerate(ends)]
+            for c in channels:
+                c.attach(asyncio.get_running_loop())
+            g = torch.Generator().manual_seed(3)
+            for step in range(300):
+                n, layer = 1 + step % 9, step % layers
+                x = torch.randn(n, dim, generator=g)
+                ids, gates = torch.zeros(n, 2, dtype=torch.long), torch.ones(n, 2)
+                halves = [torch.arange(0, n, 2), torch.arange(1, n, 2)] if n > 1 else [None, None]
+                out = torch.zeros_like(x)
+                sizes = [n if r is None else len(r) for r in halves]
+                calls = [c.call(layer, x, ids[:k], gates[:k], (), out, r, spin=i == 1)
+                         for i, (c, r, k) in enumerate(zip(channels, halves, sizes, strict=True))]
+                await asyncio.wait_for(asyncio.gather(*calls), 10)
+                want = torch.zeros_like(x)
+                for f, r in zip((2.0, -3.0), halves, strict=True):
+                    want[slice(None) if r is None else r] += (x if r is None else x[r]) * f + layer
+                torch.testing.assert_close(out, want)
+            assert all(c.calls == 300 for c in channels)
+            for c in channels:
+                c.close()
+
+        asyncio.run(run())
+    finally:
+        for e in ends:
+            e.close()
 
 
 def test_shard_refuses_experts_it_does_not_hold(tiny_dir: Path) -> None:

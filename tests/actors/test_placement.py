@@ -158,6 +158,19 @@ def test_route_equals_the_loop(seed: int) -> None:
         torch.testing.assert_close(got, route_loop(p, layer, ids), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_shards_of_equals_route(seed: int) -> None:
+    """The dispatcher's numpy lookup gives what `route` gives, with one copy per expert or several."""
+    g = torch.Generator().manual_seed(seed)
+    p = random_placement(2, 8, 3, extra=seed, seed=seed)  # extra > 0: some experts have copies
+    ids = torch.randint(0, 8, (23, 2), generator=g)
+    ids[torch.rand(ids.shape, generator=g) < 0.1] = -1
+    for layer in range(2):
+        got = p.shards_of(layer, ids.numpy())
+        assert got.dtype == np.int64
+        assert got.tolist() == p.route(layer, ids).tolist() == route_loop(p, layer, ids).tolist()
+
+
 def test_two_copies_split_tokens_evenly() -> None:
     p = Placement(slots=(((0, 1),), ((0, 2),), ((3,),)))
     g = torch.Generator().manual_seed(0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 
 from moray.model.experts import ExpertBank, LocalExperts, reference_moe, split_by_shard
@@ -40,6 +43,39 @@ def test_shards_sum_to_the_whole() -> None:
         y.index_add_(0, rows, banks[s](x[rows], sid, sg))
     whole = LocalExperts({1: ExpertBank.from_weights(weights, 1, range(8), 8)})
     torch.testing.assert_close(y, whole.banks[1](x, ids, gates), atol=1e-5, rtol=1e-5)
+
+
+def split_loop(ids: torch.Tensor, shard_of: torch.Tensor, shards: int) -> list[tuple[list[int], list[Any]]]:
+    """The obvious per-token loop: each shard's rows (ascending) and their ids, -1 where not its own."""
+    out = []
+    for s in range(shards):
+        rows = [t for t in range(len(ids)) if (shard_of[t] == s).any()]
+        own = [[e if o == s else -1 for e, o in zip(ids[t].tolist(), shard_of[t].tolist(), strict=True)]
+               for t in rows]
+        out.append((rows, own))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_split_by_shard_equals_the_loop(seed: int) -> None:
+    """Every shape the dispatcher meets: one token or many, top-1 or top-2, padding slots (id -1), a shard
+    that gets every row, some rows or none, every slot of its rows or some."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, slots, shards = (1, 2, 3, 17, 64, 5, 1, 40)[seed], 1 + seed % 2, 1 + seed % 4
+    ids = torch.randint(0, 8, (tokens, slots), generator=g)
+    ids[torch.rand(ids.shape, generator=g) < 0.15] = -1
+    owner = torch.randint(0, shards, (8,), generator=g)
+    shard_of = torch.where(ids >= 0, owner[ids.clamp(min=0)], -1)
+    gates = torch.rand(tokens, slots, generator=g)
+    parts = split_by_shard(ids, gates, shard_of, shards)
+    assert len(parts) == shards
+    for (rows, sid, sg), (want_rows, want_ids) in zip(parts, split_loop(ids, shard_of, shards), strict=True):
+        assert rows.tolist() == want_rows and sid.tolist() == want_ids
+        assert sid.dtype == torch.int64 and sid.shape == (len(want_rows), slots)
+        assert torch.equal(sg, gates[rows]) and sg.dtype == gates.dtype
+    before = [sid.clone() for _, sid, _ in parts]
+    ids.fill_(5)  # the parts own their ids: the router's tensor changing later changes none of them
+    assert all(torch.equal(b, sid) for b, (_, sid, _) in zip(before, parts, strict=True))
 
 
 def test_padding_slots_contribute_nothing() -> None:
