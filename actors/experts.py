@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moray.actors.board import PlacementBoard
@@ -173,14 +174,15 @@ class ExpertShard:
         t = time.perf_counter()
         out_device = x.device
         holding = self.holding  # one consistent set of experts for the whole call
-        if not bool(holding.held[layer][expert_ids.cpu() + 1].all()):
-            asked = sorted(set(expert_ids.flatten().tolist()))
+        ids_np = expert_ids.detach().to("cpu", torch.long).numpy()  # index checks in numpy: a few µs
+        if not holding.held.numpy()[layer][ids_np + 1].all():
+            asked = sorted(set(ids_np.flatten().tolist()))
             raise ValueError(f"expert shard {self.shard_id} does not hold every expert asked of it in layer "
                              f"{layer}: {asked}, holds {holding.experts.get(layer)} (placement "
                              f"{holding.tag})")
         ids = expert_ids.to(self.device)
         y = holding.banks[layer](x.to(self.device), ids, gates.to(self.device)).to(out_device)
-        counts = torch.bincount(ids[ids >= 0].cpu(), minlength=self.cfg.n_experts)  # [E]
+        counts = torch.from_numpy(np.bincount(ids_np[ids_np >= 0], minlength=self.cfg.n_experts))  # [E]
         self.tokens_served[layer] += counts
         self.busy_s += time.perf_counter() - t
         self.on_served(layer, counts)

@@ -144,12 +144,12 @@ class Placement:
         return cls.from_json(Path(path).read_text())
 
     # ---- routing -----------------------------------------------------------------------------------
-    def shards_of(self, layer: int, expert_ids: np.ndarray) -> np.ndarray:
+    def shards_of(self, layer: int, expert_ids: np.ndarray, turn: np.ndarray | None = None) -> np.ndarray:
         """`route` without `loads`, in numpy: the shard serving each (token, slot), [T, A]. With one copy
         of every expert (the default) a single lookup (a few µs; it runs on every layer of every step)."""
         owner = self._owner
         if owner is None:
-            return self.route(layer, torch.from_numpy(expert_ids)).numpy()
+            return self.route(layer, torch.from_numpy(expert_ids), turn=turn).numpy()
         return owner[layer][expert_ids + 1]  # id -1 reads column 0, which is -1
 
     @cached_property
@@ -179,12 +179,15 @@ class Placement:
         return table, counts
 
     def route(self, layer: int, expert_ids: torch.Tensor,
-              loads: Sequence[float] | None = None) -> torch.Tensor:
+              loads: Sequence[float] | None = None, turn: np.ndarray | None = None) -> torch.Tensor:
         """Shard serving each (token, slot): [T, A] int64 (-1 where expert_ids is -1).
 
         An expert with c copies: without `loads`, its k-th (token, slot) in row-major order goes to
-        copy k % c (even split); with per-shard `loads`, its tokens split over the copies in
-        proportion to `inverse_load_weights` of the owners' loads, in contiguous runs.
+        copy (turn[e] + k) % c (even split); with per-shard `loads`, its tokens split over the copies in
+        proportion to `inverse_load_weights` of the owners' loads, in contiguous runs. `turn` [E] (the
+        caller's, advanced in place by each expert's tokens) carries the rotation from step to step, so
+        an expert that gets one token a step still alternates its copies; without it every call
+        starts at copy 0.
         """
         if loads is not None and len(loads) != self.num_shards:
             raise ValueError(f"loads has {len(loads)} entries, the placement has {self.num_shards} shards")
@@ -197,7 +200,11 @@ class Placement:
         e = flat.clamp(min=0)
         owners, cnt = table[layer][e], counts[layer][e]  # [N, C], [N]
         if loads is None:
-            copy = _occurrence_rank(torch.where(valid, flat, -1)) % cnt.clamp(min=1)
+            rank = _occurrence_rank(torch.where(valid, flat, -1))
+            if turn is not None:
+                rank = rank + torch.from_numpy(turn)[e]
+                turn += np.bincount(flat[valid].numpy(), minlength=len(turn))
+            copy = rank % cnt.clamp(min=1)
         else:
             rank = _occurrence_rank(torch.where(valid, flat, -1))  # [N]
             copy = _weighted_copy(owners, cnt, rank, torch.where(valid, flat, 0), valid, loads)

@@ -32,6 +32,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from moray.actors.channel import add_rows
@@ -166,6 +167,7 @@ class ShardedExperts:
         self.retries = 0
         self.in_flight = 0
         self._staged: tuple[int, Placement] | None = None
+        self._turns: dict[int, np.ndarray] = {}  # layer -> [E]: where each expert's copies rotation stands
         self._switch = threading.Lock()  # the board's follower thread stages; the event loop routes
 
     def stage(self, version: int, placement: Placement) -> None:
@@ -207,7 +209,10 @@ class ShardedExperts:
     async def _layer(self, placement: Placement, layer: int, x: torch.Tensor, ids: torch.Tensor,
                      gates: torch.Tensor) -> torch.Tensor:
         ids_np = ids.detach().to("cpu", torch.long).numpy()  # routing is index work on the CPU, in numpy
-        parts = split_by_shard(ids_np, gates, placement.shards_of(layer, ids_np), self.num_shards)
+        turn = self._turns.get(layer)
+        if turn is None or len(turn) != placement.num_experts:
+            turn = self._turns[layer] = np.zeros(placement.num_experts, dtype=np.int64)
+        parts = split_by_shard(ids_np, gates, placement.shards_of(layer, ids_np, turn), self.num_shards)
         tags = STEP_REQUESTS.get() if layer == 0 else ()  # request ids reach the shards' logs once a step
         y = torch.zeros_like(x)
         jobs: list[tuple[int, Link | None, torch.Tensor | None, torch.Tensor, torch.Tensor]] = []

@@ -114,7 +114,7 @@ class ExpertBank(torch.nn.Module):
         order = keep[torch.argsort(local[keep], stable=True)]  # slots sorted by expert
         counts = torch.bincount(local[order], minlength=len(self.expert_ids)).tolist()
         rows = order // k  # [m] token row of each sorted slot
-        xs = x[rows]  # [m, D]
+        xs = x.index_select(0, rows)  # [m, D] (the same as x[rows], several times faster on CPU)
         out = torch.empty_like(xs)
         start = 0
         for e, count in enumerate(counts):  # one grouped matmul per expert, never per token

@@ -171,6 +171,17 @@ def test_shards_of_equals_route(seed: int) -> None:
         assert got.tolist() == p.route(layer, ids).tolist() == route_loop(p, layer, ids).tolist()
 
 
+def test_one_token_a_step_alternates_the_copies() -> None:
+    """Decode steps often give an expert one token: with the caller's `turn` the copies still take
+    turns from step to step (without it, every step would send that token to copy 0)."""
+    p = Placement(slots=(((0, 1),), ((0, 2),), ((3,),)))
+    turn = np.zeros(4, dtype=np.int64)
+    got = [p.shards_of(0, np.array([[0, 3]]), turn)[0].tolist() for _ in range(10)]
+    assert [g[0] for g in got].count(0) == 5 and [g[0] for g in got].count(1) == 5
+    assert all(g[1] == 2 for g in got) and turn.tolist() == [10, 0, 0, 10]
+    assert {p.shards_of(0, np.array([[0, 3]]))[0, 0] for _ in range(4)} == {0}  # no turn: copy 0
+
+
 def test_two_copies_split_tokens_evenly() -> None:
     p = Placement(slots=(((0, 1),), ((0, 2),), ((3,),)))
     g = torch.Generator().manual_seed(0)
