@@ -134,24 +134,33 @@ class ServedDispatcher(Dispatcher):
     async def _refresh_loop(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.refresh_replicas)
+                if isinstance(self.experts.links, HandleLinks):
+                    await asyncio.to_thread(self.refresh_replicas)  # asks Serve: off the event loop
+                else:
+                    self.refresh_replicas()
                 self.export_metrics()
             except Exception as e:  # noqa: BLE001 - metrics must never break serving
                 log.debug("replica refresh failed: %s", e)
             await asyncio.sleep(REFRESH_S)
 
     def refresh_replicas(self) -> list[int]:
-        """Live replicas of every expert-shard deployment, from Serve's status. Over Serve handles
-        (transport "ray") a shard's rows are split into one call per replica; the data plane finds
-        the replicas' endpoints in its directory by itself."""
-        from ray import serve
+        """Live replicas of every expert-shard deployment, into `moray_shard_replicas`. Over the data
+        plane: the replicas this dispatcher has a usable channel to (it finds their endpoints in its
+        directory by itself), counted here without a call out: Serve's status builds and pickles its
+        config models in this process, tens of ms holding the GIL the engine's loop needs. Over Serve
+        handles (transport "ray"): Serve's count of running replicas, and a shard's rows are split into
+        one call per replica."""
+        links, num_shards = self.experts.links, self.experts.placement.num_shards
+        if isinstance(links, HandleLinks):
+            from ray import serve
 
-        app = serve.get_replica_context().app_name
-        running = [max(1, n) for n in state.running_replicas(app, self.experts.placement.num_shards)]
+            app = serve.get_replica_context().app_name
+            running = [max(1, n) for n in state.running_replicas(app, num_shards)]
+            links.replicas[:] = running
+        else:
+            running = [len(links.links(s)) for s in range(num_shards)]
         for s, n in enumerate(running):
             metrics.set_shard_replicas(s, n)
-        if isinstance(self.experts.links, HandleLinks):
-            self.experts.links.replicas[:] = running
         return running
 
     def export_metrics(self) -> None:

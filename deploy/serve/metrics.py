@@ -79,7 +79,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("moray_kv_blocks_free", "gauge", "KV-cache blocks free (per dispatcher)."),
     MetricSpec("moray_expert_tokens_total", "counter", "Tokens an expert computed, by layer, expert, shard.",
                ("layer", "expert", "shard")),
-    MetricSpec("moray_shard_replicas", "gauge", "Running replicas of an expert shard.", ("shard",)),
+    MetricSpec("moray_shard_replicas", "gauge", "Running replicas of an expert shard (over the data plane: "
+               "those the dispatcher has a channel to).", ("shard",)),
     MetricSpec("moray_transport_seconds", "histogram",
                "Mean round trip of one layer's expert call to a shard, per export interval.",
                ("shard",), _ROUND_TRIP_S),
