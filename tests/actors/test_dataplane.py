@@ -165,11 +165,13 @@ def test_channel_answers_equal_the_shard(shard: ExpertShard, endpoint: tuple[Sha
     assert endpoint[0].connected() == 0
 
 
-def test_a_step_over_two_channels_gathers_its_rows_and_every_answer_arrives() -> None:
+@pytest.mark.parametrize("shared", [True, False], ids=["shm", "tcp"])
+def test_a_step_over_two_channels_gathers_its_rows_and_every_answer_arrives(shared: bool) -> None:
     """As the dispatcher sends a step: each channel gets some rows of the layer's x (gathered into the
-    frame), the last call polls for every reply of the step; each answer lands at its rows. Fast shards
-    (they scale their rows: no expert compute), so round trips stay under the polling budget and the poll
-    is what answers; a reply it took but did not hand to its call would hang the step (a timeout here)."""
+    frame) and each answer lands at its rows. Over shared memory the last call polls for every reply of
+    the step; the shards are fast (they scale their rows: no expert compute), so round trips stay under
+    the polling budget and the poll is what answers: a reply it took but did not hand to its call would
+    hang the step (a timeout here). Over TCP the event loop reads the replies."""
     dim, layers = 16, 4
 
     def scaled(factor: float) -> Callable[..., torch.Tensor]:
@@ -180,7 +182,7 @@ def test_a_step_over_two_channels_gathers_its_rows_and_every_answer_arrives() ->
         async def run() -> None:
             channels = [open_channel(Endpoint.from_dict({**e.address(), "shard": i, "replica": f"r{i}",
                                                          "node": None}),
-                                     ChannelSpec(max_rows=16, dim=dim, dtype=torch.float32), True)
+                                     ChannelSpec(max_rows=16, dim=dim, dtype=torch.float32), shared)
                         for i, e in enumerate(ends)]
             for c in channels:
                 c.attach(asyncio.get_running_loop())
