@@ -13,27 +13,33 @@ caller's output, on the engine's event loop:
 - `SocketChannel` (other nodes, or `transport="socket"`): the same frame on a TCP stream, read into
   a pre-allocated buffer by the event loop's reader callback.
 
-A channel notices its peer's death at once (the Unix/TCP socket closes; TCP keepalive for a
-vanished node) and fails the call in flight with `PeerGoneError`, which the caller retries on
-another replica. A DRAIN from the shard marks the channel `draining`: the caller stops using it
-and closes it between steps. The channel interface is what a NCCL point-to-point channel would
-implement for GPUs (`docs/design.md`, "The data plane").
+Faults (`actors/faults.py`): any error on a channel ends it. A peer's death is noticed at once (the
+Unix/TCP socket closes; TCP keepalive and `TCP_USER_TIMEOUT` for a vanished node or a half-open
+connection); a call not answered by its deadline means a hung peer; a frame either side refuses, a
+bad header or an OSError leaves the channel out of step. Each fails the channel (never reused) and
+raises `PeerGoneError` with its kind, which the caller retries on another replica. An error the
+shard's own code raised (`RemoteError`) keeps the channel in step and is not retried. A DRAIN from
+the shard marks the channel `draining`: the caller stops using it and closes it between steps. The
+channel interface is what a NCCL point-to-point channel would implement for GPUs (`docs/design.md`,
+"The transport").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import mmap
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from moray.actors.endpoint import TOKEN_BYTES, recv_exact, set_keepalive
+from moray.actors.faults import FaultKind, PeerGoneError
 from moray.actors.frames import (
     HEADER_BYTES,
     MAX_TAG_BYTES,
@@ -41,21 +47,20 @@ from moray.actors.frames import (
     FrameError,
     Header,
     Kind,
+    RefusedError,
     RemoteError,
     capacity,
     dtype_code,
 )
 
+__all__ = ["Channel", "ChannelSpec", "Endpoint", "PeerGoneError", "SharedChannel", "SocketChannel",
+           "add_rows", "open_channel"]
+
 log = logging.getLogger(__name__)
 
 SPIN_MAX_S = 300e-6  # the longest a step's last call polls for the replies before yielding to the loop
 SPIN_MIN_S = 20e-6
-CONNECT_TIMEOUT_S = 5.0
-
-
-class PeerGoneError(ConnectionError):
-    """The shard replica at the other end died, closed the channel, or stopped answering."""
-
+CONNECT_TIMEOUT_S = 2.0  # connect and HELLO/WELCOME: a replica that cannot shake hands in this is not usable
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -111,7 +116,7 @@ def _await_welcome(sock: socket.socket, endpoint: Endpoint) -> None:
     if not recv_exact(sock, memoryview(buf)[:HEADER_BYTES]):
         raise PeerGoneError(f"shard {endpoint.shard} replica {endpoint.replica} closed during the handshake")
     h = Header.unpack(memoryview(buf))
-    if h.kind == Kind.ERROR:
+    if h.kind in (Kind.ERROR, Kind.REFUSED):
         recv_exact(sock, memoryview(buf)[HEADER_BYTES:HEADER_BYTES + min(h.payload, 4096)])
         why = FrameBuffer(memoryview(buf)).message(h)
         raise RemoteError(f"shard {endpoint.shard} refused the channel: {why}")
@@ -133,9 +138,13 @@ class Channel:
         self.endpoint, self.spec, self.sock = endpoint, spec, sock
         self.seq = 0
         self.dead: str | None = None  # why it cannot be used any more
+        self.fault: FaultKind | None = None  # what ended it, when a fault did (not a close or a cancel)
         self.draining = False
         self.in_flight = 0
         self.calls, self.busy_s = 0, 0.0
+        self.round_trip_s = SPIN_MIN_S  # moving average: how long this channel's answers take
+        self.rows_avg = 1.0  # moving average of the rows per call, to scale `round_trip_s` by
+        self._closed = False
         self._lock: asyncio.Lock | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -143,6 +152,17 @@ class Channel:
     @property
     def usable(self) -> bool:
         return self.dead is None and not self.draining
+
+    def expected_s(self, rows: int) -> float:
+        """How long an answer for `rows` rows should take, from this channel's recent round trips (inf
+        before its first call: the first one may be a prefill of thousands of rows)."""
+        if not self.calls:
+            return math.inf
+        return self.round_trip_s * max(1.0, rows / self.rows_avg)
+
+    def forget_timing(self) -> None:
+        """Start the round-trip statistics afresh (after a probe, which computes nothing)."""
+        self.calls, self.busy_s, self.round_trip_s, self.rows_avg = 0, 0.0, SPIN_MIN_S, 1.0
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start watching the socket on `loop` (the loop `call` will be awaited on)."""
@@ -156,39 +176,98 @@ class Channel:
 
     async def call(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
                    tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor | None,
-                   spin: bool = False) -> None:
+                   spin: bool = False, deadline: float = math.inf) -> None:
         """Send the rows `rows` of the layer's x [T, D] (every row when None; gathered straight into the
         frame) with their expert ids and gates [n, k]; add the answer into `out` at `rows`. `tags` (the
         step's request ids, sent with layer 0) are for the shard's logs; `spin`: poll for the answer
-        briefly before yielding to the event loop (for the last call of a step to be sent)."""
+        briefly before yielding to the event loop (for the last call of a step to be sent). No answer by
+        `deadline` (`time.perf_counter()`): the peer is hung. Raises `PeerGoneError` on any fault (the
+        channel is then dead), `RemoteError` when the shard's own code raised."""
         assert self._lock is not None, "attach() the channel to the event loop first"
         self.in_flight += 1
         try:
             async with self._lock:
                 if self.dead:
-                    raise PeerGoneError(self.dead)
+                    raise PeerGoneError(self._named(self.dead), self.fault or "died")
                 start = time.perf_counter()
                 data = "\n".join(tags).encode()[:MAX_TAG_BYTES] if tags else b""
-                await self._exchange(layer, x, expert_ids, gates, data, out, rows, spin)
+                seq = self.seq + 1
+                n = self._write(seq, layer, x, expert_ids, gates, data, rows)  # raises: nothing was sent
+                self.seq = seq
+                y = await self._exchange(n, len(expert_ids), x, deadline, spin)
+                add_rows(out, rows, y)
+                took, weight = time.perf_counter() - start, 0.2 if self.calls else 1.0
                 self.calls += 1
-                self.busy_s += time.perf_counter() - start
-        except (asyncio.CancelledError, asyncio.TimeoutError):
-            self.fail("a call was abandoned (timeout or cancel): the channel is out of step")
+                self.busy_s += took
+                self.round_trip_s += weight * (took - self.round_trip_s)
+                self.rows_avg += weight * (len(expert_ids) - self.rows_avg)
+        except asyncio.CancelledError:
+            self.fail("a call was abandoned (cancelled): the channel is out of step")
             raise
         finally:
             self.in_flight -= 1
 
-    async def _exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                        tags: bytes, out: torch.Tensor, rows: torch.Tensor | None, spin: bool) -> None:
+    def _write(self, seq: int, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+               tags: bytes, rows: torch.Tensor | None) -> int:
+        """Write the request frame into the outgoing buffer; its length."""
         raise NotImplementedError
 
-    def fail(self, why: str) -> None:
-        """Mark the channel dead (its peer is gone or out of step) and wake a waiting call."""
+    async def _exchange(self, n: int, rows: int, x: torch.Tensor, deadline: float,
+                        spin: bool) -> torch.Tensor:
+        """Send the written frame (n bytes), await the reply until `deadline`: y [rows, D], a view into the
+        reply buffer. Any fault fails the channel and raises `PeerGoneError`."""
+        assert self._loop is not None
+        waiter = self._waiter = self._loop.create_future()
+        timer = None
+        if deadline != math.inf:
+            timer = self._loop.call_later(max(deadline - time.perf_counter(), 0.0), self._expire, deadline)
+        try:
+            await self._send(n, spin, waiter)
+            return self._read_reply(rows, x)
+        except (RemoteError, PeerGoneError):
+            raise  # RemoteError: the shard's own code raised; the channel is in step, the error the caller's
+        except FrameError as e:  # a refused or malformed frame: out of step
+            why = str(e) if isinstance(e, RefusedError) else f"bad frame from the shard: {e}"
+            raise self.fail(why, "refused") from None
+        except OSError as e:
+            raise self.fail(f"{type(e).__name__}: {e}", "died") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._waiter = None
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # retrieved: a fault that raced the call's own error is not logged twice
+            self._resume()
+
+    async def _send(self, n: int, spin: bool, waiter: asyncio.Future[None]) -> None:
+        raise NotImplementedError
+
+    def _read_reply(self, rows: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _resume(self) -> None:
+        """After a call: be ready for the next frame from the peer."""
+
+    def _expire(self, deadline: float) -> None:
+        if self._waiter is None or self._waiter.done():
+            return  # answered just in time
+        waited = time.perf_counter() - deadline
+        self.fail(f"no answer by the call's deadline (+{waited * 1e3:.0f} ms; round trip "
+                  f"{self.round_trip_s * 1e3:.1f} ms): the replica is hung or too slow", "hung")
+
+    def _named(self, why: str) -> str:
+        return f"shard {self.endpoint.shard} replica {self.endpoint.replica}: {why}"
+
+    def fail(self, why: str, kind: FaultKind | None = None) -> PeerGoneError:
+        """Mark the channel dead (its peer is gone, hung or out of step; `kind` None: we gave it up) and wake
+        a waiting call with the fault. Returns the error to raise."""
         if self.dead is None:
-            self.dead = why
-            log.warning("data-plane channel to shard %d replica %s: %s", self.endpoint.shard,
-                        self.endpoint.replica, why)
-        self._wake(PeerGoneError(f"shard {self.endpoint.shard} replica {self.endpoint.replica}: {why}"))
+            self.dead, self.fault = why, kind
+            if kind is not None:
+                log.warning("data-plane channel to %s (%s)", self._named(why), kind)
+        error = PeerGoneError(self._named(why), self.fault or "died")
+        self._wake(error)
+        return error
 
     def _wake(self, error: BaseException | None = None) -> None:
         w, self._waiter = self._waiter, None
@@ -198,14 +277,21 @@ class Channel:
     def _readable(self) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:
-        self.dead = self.dead or "closed"
-        self._wake(PeerGoneError(f"shard {self.endpoint.shard} replica {self.endpoint.replica}: closed"))
+    def _unwatch(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
             try:
                 self._loop.remove_reader(self.sock.fileno())
             except (ValueError, OSError):
                 pass
+
+    def close(self) -> None:
+        """Close the channel and everything it holds (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.dead = self.dead or "closed"
+        self._wake(PeerGoneError(self._named("closed"), self.fault or "died"))
+        self._unwatch()
         self.sock.close()
 
 
@@ -214,43 +300,46 @@ class SharedChannel(Channel):
                  req_fd: int, rep_fd: int) -> None:
         super().__init__(endpoint, spec, sock)
         self.mm, self.req_fd, self.rep_fd = mm, req_fd, rep_fd
-        self.round_trip_s = SPIN_MIN_S  # moving average: how long this channel's answers take
         cap = spec.capacity
         self.req = FrameBuffer(memoryview(mm)[:cap])
         self.rep = FrameBuffer(memoryview(mm)[cap:])
         self._control = bytearray(HEADER_BYTES)
+        self._control_got = 0
 
     @classmethod
     def connect(cls, endpoint: Endpoint, spec: ChannelSpec) -> SharedChannel:
-        memfd = os.memfd_create(f"moray-channel-{endpoint.shard}", os.MFD_CLOEXEC)
-        req_fd, rep_fd = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
+        fds: list[int] = []
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        mm = None
         try:
-            os.ftruncate(memfd, 2 * spec.capacity)
-            mm = mmap.mmap(memfd, 2 * spec.capacity)
+            fds.append(os.memfd_create(f"moray-channel-{endpoint.shard}", os.MFD_CLOEXEC))
+            fds += [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+            os.ftruncate(fds[0], 2 * spec.capacity)
+            mm = mmap.mmap(fds[0], 2 * spec.capacity)
             sock.settimeout(CONNECT_TIMEOUT_S)
             sock.connect("\0" + endpoint.unix)
-            socket.send_fds(sock, [bytes(spec.hello(endpoint.token))], [memfd, req_fd, rep_fd])
+            socket.send_fds(sock, [bytes(spec.hello(endpoint.token))], fds)
             _await_welcome(sock, endpoint)
         except BaseException:
             sock.close()
-            os.close(req_fd)
-            os.close(rep_fd)
+            for fd in fds[1:]:
+                os.close(fd)
+            if mm is not None:
+                mm.close()
             raise
         finally:
-            os.close(memfd)  # the mapping keeps the segment; it goes when both ends unmap
-        return cls(endpoint, spec, sock, mm, req_fd, rep_fd)
+            if fds:
+                os.close(fds[0])  # the mapping keeps the segment; it goes when both ends unmap
+        return cls(endpoint, spec, sock, mm, fds[1], fds[2])
 
     def _attached(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_reader(self.rep_fd, self._replied)
 
-    async def _exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                        tags: bytes, out: torch.Tensor, rows: torch.Tensor | None, spin: bool) -> None:
-        assert self._loop is not None
-        self.seq += 1
-        self.req.write_request(self.seq, layer, x, expert_ids, gates, tags, rows)
-        waiter = self._waiter = self._loop.create_future()
-        sent = time.perf_counter()
+    def _write(self, seq: int, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+               tags: bytes, rows: torch.Tensor | None) -> int:
+        return self.req.write_request(seq, layer, x, expert_ids, gates, tags, rows)
+
+    async def _send(self, n: int, spin: bool, waiter: asyncio.Future[None]) -> None:
         os.eventfd_write(self.req_fd, 1)
         _waiting.add(self)
         try:
@@ -259,9 +348,9 @@ class SharedChannel(Channel):
             await waiter
         finally:
             _waiting.discard(self)
-            self._waiter = None
-        self.round_trip_s += 0.2 * (time.perf_counter() - sent - self.round_trip_s)
-        add_rows(out, rows, self.rep.read_reply(self.seq, len(expert_ids), x.shape[1], x.dtype))
+
+    def _read_reply(self, rows: int, x: torch.Tensor) -> torch.Tensor:
+        return self.rep.read_reply(self.seq, rows, x.shape[1], x.dtype)
 
     def _spin(self) -> None:
         """Poll the reply eventfd of every call waiting on this loop (this step's other chunks too), and
@@ -294,12 +383,16 @@ class SharedChannel(Channel):
             os.eventfd_read(self.rep_fd)
         except BlockingIOError:
             return
+        except OSError as e:
+            self._unwatch_reply()
+            self.fail(f"reply eventfd: {e}", "died")
+            return
         self._wake()
 
     def _readable(self) -> None:
-        """The Unix socket: a DRAIN, or the peer's end closing (it stopped or died)."""
+        """The Unix socket: a DRAIN (read a header's bytes at a time), or the peer's end closing."""
         try:
-            n = self.sock.recv_into(self._control)
+            n = self.sock.recv_into(memoryview(self._control)[self._control_got:])
         except BlockingIOError:
             return
         except OSError as e:
@@ -308,23 +401,37 @@ class SharedChannel(Channel):
             why = "the shard replica closed the channel (stopped or died)"
         if n == 0:
             self._unwatch()
-            self.fail(why)
-        elif Header.unpack(memoryview(self._control)).kind == Kind.DRAIN:
+            self.fail(why, "died")
+            return
+        self._control_got += n
+        if self._control_got < HEADER_BYTES:
+            return
+        self._control_got = 0
+        try:
+            kind = Header.unpack(memoryview(self._control)).kind
+        except FrameError as e:
+            kind, why = None, str(e)
+        if kind == Kind.DRAIN:
             self.draining = True
+        else:
+            self._unwatch()
+            self.fail(f"bad control frame from the shard: {why if kind is None else Kind(kind).name}",
+                      "refused")
 
-    def _unwatch(self) -> None:
-        if self._loop is not None:
-            self._loop.remove_reader(self.sock.fileno())
+    def _unwatch_reply(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self.rep_fd)
+            except (ValueError, OSError):
+                pass
 
     def close(self) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self.rep_fd)
+        if self._closed:
+            return
+        self._unwatch_reply()
         super().close()
         for fd in (self.req_fd, self.rep_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            os.close(fd)
         del self.req, self.rep
         try:
             self.mm.close()
@@ -342,7 +449,6 @@ class SocketChannel(Channel):
         self.out, self.inb = FrameBuffer(memoryview(self.outbound)), FrameBuffer(memoryview(self.inbound))
         self._view = memoryview(self.inbound)
         self._got, self._want = 0, HEADER_BYTES
-        self._on_frame: Callable[[Header], None] | None = None
 
     @classmethod
     def connect(cls, endpoint: Endpoint, spec: ChannelSpec) -> SocketChannel:
@@ -356,18 +462,21 @@ class SocketChannel(Channel):
             raise
         return cls(endpoint, spec, sock)
 
-    async def _exchange(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-                        tags: bytes, out: torch.Tensor, rows: torch.Tensor | None, spin: bool) -> None:
+    def _write(self, seq: int, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+               tags: bytes, rows: torch.Tensor | None) -> int:
+        return self.out.write_request(seq, layer, x, expert_ids, gates, tags, rows)
+
+    async def _send(self, n: int, spin: bool, waiter: asyncio.Future[None]) -> None:
         assert self._loop is not None
-        self.seq += 1
-        n = self.out.write_request(self.seq, layer, x, expert_ids, gates, tags, rows)
-        self._waiter = self._loop.create_future()
         await self._loop.sock_sendall(self.sock, memoryview(self.outbound)[:n])
-        await self._waiter  # resolved by `_readable` once a whole reply is in `inbound`
-        try:
-            add_rows(out, rows, self.inb.read_reply(self.seq, len(expert_ids), x.shape[1], x.dtype))
-        finally:
-            self._got, self._want = 0, HEADER_BYTES
+        await waiter  # resolved by `_readable` once a whole reply is in `inbound`
+
+    def _read_reply(self, rows: int, x: torch.Tensor) -> torch.Tensor:
+        return self.inb.read_reply(self.seq, rows, x.shape[1], x.dtype)
+
+    def _resume(self) -> None:
+        self._got, self._want = 0, HEADER_BYTES
+        if self.dead is None and self._loop is not None:
             self._loop.add_reader(self.sock.fileno(), self._readable)  # paused while the reply was read
 
     def _readable(self) -> None:
@@ -378,9 +487,9 @@ class SocketChannel(Channel):
             except BlockingIOError:
                 return
             except OSError as e:
-                return self._gone(str(e))
+                return self._gone(str(e), "died")
             if n == 0:
-                return self._gone("the shard replica closed the channel (stopped or died)")
+                return self._gone("the shard replica closed the channel (stopped or died)", "died")
             self._got += n
             if self._got == HEADER_BYTES and self._want == HEADER_BYTES:
                 if not self._header():
@@ -391,10 +500,10 @@ class SocketChannel(Channel):
         try:
             h = Header.unpack(self._view)
         except FrameError as e:
-            self._gone(f"bad frame from the shard: {e}")
+            self._gone(f"bad frame from the shard: {e}", "refused")
             return False
         if h.payload > len(self._view) - HEADER_BYTES:
-            self._gone(f"oversized frame from the shard: {h.payload} bytes")
+            self._gone(f"oversized frame from the shard: {h.payload} bytes", "refused")
             return False
         self._want = HEADER_BYTES + h.payload
         return True
@@ -408,11 +517,10 @@ class SocketChannel(Channel):
             return
         self._loop.remove_reader(self.sock.fileno())  # hold the frame until the call has read it
         if self._waiter is None:
-            self._gone(f"unexpected {Kind(h.kind).name} frame from the shard")
+            self._gone(f"unexpected {Kind(h.kind).name} frame from the shard", "refused")
             return
         self._wake()
 
-    def _gone(self, why: str) -> None:
-        if self._loop is not None:
-            self._loop.remove_reader(self.sock.fileno())
-        self.fail(why)
+    def _gone(self, why: str, kind: FaultKind) -> None:
+        self._unwatch()
+        self.fail(why, kind)

@@ -2,31 +2,52 @@
 directory (`actors/directory.py`) by a discovery task on the engine's event loop.
 
 - New replicas: every `DISCOVER_S` the task lists the announced endpoints and opens a channel to each
-  replica it has none to (shared memory on the same node unless `transport="socket"`, TCP across
-  nodes). New channels join the table only between steps (`between_steps`), so a step's rows never
-  move mid-layer, except for a shard that has no usable channel at all: its callers are waiting.
-- Gone replicas: a channel whose peer died fails its call at once (`PeerGoneError`); the caller
-  retries the rows on another usable channel of the shard, or waits here for a new replica until its
-  deadline. A draining replica (Serve is stopping it) is left out of new calls and closed between
-  steps, which is what its `drain()` waits for.
+  live one (its heartbeat moves) it has none to, all at once, each within `CONNECT_TIMEOUT_S`: shared
+  memory on the same node unless `transport="socket"`, TCP across nodes. A new channel must answer a
+  probe (a one-row call) before it is used. New channels join the table only between steps
+  (`between_steps`), so a step's rows never move mid-layer, except for a shard that has no usable
+  channel at all: its callers are waiting.
+- Faults (`actors/faults.py`): a channel whose replica died, hung or refused a frame is failed by the
+  call that met it, left out of every later call and closed between steps; the replica is reconnected
+  (and probed) only after a back-off that doubles with each fault in a row, so a hung replica costs
+  one missed deadline, not one per step. A replica whose heartbeat stopped is not dialled; its entry is
+  deleted after `FORGET_S` (its owner puts it back if it was only paused).
+- A draining replica (Serve is stopping it) is left out of new calls and closed between steps, which
+  is what its `drain()` waits for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
-import math
 import time
+import weakref
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from moray.actors.channel import Channel, ChannelSpec, Endpoint, PeerGoneError, open_channel
-from moray.actors.directory import STALE_S, Directory
+import torch
+
+from moray.actors.channel import Channel, ChannelSpec, Endpoint, open_channel
+from moray.actors.directory import FORGET_S, STALE_S, Directory
+from moray.actors.frames import RemoteError
 
 log = logging.getLogger(__name__)
 
 DISCOVER_S = 1.0  # how often the directory is read while every shard has a channel
 WAIT_POLL_S = 0.05  # how often a caller with no usable channel looks again
-RETRY_CONNECT_S = 2.0  # between connection attempts to a replica that refused or was not there
+RETRY_CONNECT_S = 0.5  # first back-off after a failed connect or a faulted channel; doubles up to:
+MAX_BACKOFF_S = 8.0
+PROBE_TIMEOUT_S = 5.0  # a new channel's first call (one row) must be answered within this
+
+
+@dataclass
+class Backoff:
+    """A replica that failed: when it may be dialled again, and how many failures in a row."""
+
+    until: float
+    failures: int
+    why: str
 
 Transport = Literal["auto", "socket", "ray"]
 
@@ -39,7 +60,11 @@ class DataPlane:
         self.directory, self.spec, self.node, self.transport = directory, spec, node, transport
         self.table: list[list[Channel]] = [[] for _ in range(num_shards)]
         self.pending: list[Channel] = []
-        self._failing: dict[str, tuple[float, float]] = {}  # replica -> (first failure, last attempt)
+        self._failing: dict[str, Backoff] = {}  # replica -> when to dial it again
+        self._noted: weakref.WeakSet[Channel] = weakref.WeakSet()  # faulted channels already backed off
+        self._beats: dict[str, tuple[object, float]] = {}  # replica -> (its heartbeat, when it last moved)
+        self._connecting: dict[str, asyncio.Task[None]] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="moray-connect")
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.opened = self.closed_channels = 0
@@ -68,9 +93,6 @@ class DataPlane:
             self._wake.set()
             await asyncio.sleep(min(WAIT_POLL_S, max(deadline - time.perf_counter(), 0.0)))
 
-    def retryable(self, error: BaseException) -> bool:
-        return isinstance(error, PeerGoneError)
-
     def between_steps(self) -> None:
         """Apply what discovery found: new channels in, dead and draining ones out (and closed)."""
         self.start()
@@ -97,12 +119,34 @@ class DataPlane:
         if joining:
             self.pending = [c for c in self.pending if c.endpoint.shard != shard]
             self.table[shard] += [c for c in joining if c.usable]
+            for c in joining:
+                if not c.usable:
+                    self._close(c)
 
     def _close(self, c: Channel) -> None:
+        self._note_fault(c)
         c.close()
         self.closed_channels += 1
         log.info("data-plane channel to shard %d replica %s closed (%s)", c.endpoint.shard,
                  c.endpoint.replica, "drained" if c.draining else c.dead)
+
+    def _channels(self) -> list[Channel]:
+        return [*self.pending, *(c for row in self.table for c in row)]
+
+    def _note_fault(self, c: Channel) -> None:
+        """A channel ended by a fault: its replica is dialled again only after a back-off."""
+        if c.fault is not None and c not in self._noted:
+            self._noted.add(c)
+            self._back_off(c.endpoint, f"{c.fault}: {c.dead}")
+
+    def _back_off(self, endpoint: Endpoint, why: str) -> None:
+        last = self._failing.get(endpoint.replica)
+        failures = (last.failures if last else 0) + 1
+        delay = min(RETRY_CONNECT_S * 2 ** (failures - 1), MAX_BACKOFF_S)
+        self._failing[endpoint.replica] = Backoff(time.monotonic() + delay, failures, why)
+        if failures == 1:  # the first of a streak: later ones are the same story
+            log.warning("shard %d replica %s out of use (%s); dialling it again in %.1f s", endpoint.shard,
+                        endpoint.replica, why, delay)
 
     # ---- discovery ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -124,58 +168,108 @@ class DataPlane:
                 pass
 
     async def refresh(self) -> None:
-        """Open a channel to every announced replica that has none."""
-        announced = await asyncio.to_thread(self.directory.endpoints)
-        known = {c.endpoint.replica for c in self.pending} | {
-            c.endpoint.replica for row in self.table for c in row if c.dead is None}
-        for raw in announced:
-            endpoint = Endpoint.from_dict(raw)
+        """Open a channel to every live announced replica that has none (each in a task of its own, so
+        a replica that does not answer delays no other)."""
+        found = await asyncio.to_thread(self.directory.endpoints)
+        announced = [(Endpoint.from_dict(raw), raw) for raw in found]
+        for c in self._channels():
+            self._note_fault(c)
+        known = {c.endpoint.replica for c in self._channels() if c.dead is None} | set(self._connecting)
+        now, forget = time.monotonic(), list[tuple[Endpoint, object]]()
+        for endpoint, raw in announced:
             if endpoint.replica in known or not 0 <= endpoint.shard < len(self.table):
                 continue
-            if self._too_soon(endpoint.replica):
+            if not self._alive(endpoint, raw.get("beat"), now, forget):
                 continue
-            await self._connect(endpoint)
+            backoff = self._failing.get(endpoint.replica)
+            if backoff is not None and now < backoff.until:
+                continue
+            task = asyncio.get_running_loop().create_task(self._connect(endpoint))
+            self._connecting[endpoint.replica] = task
+            task.add_done_callback(self._connected)
+        for endpoint, beat in forget:
+            await asyncio.to_thread(self.directory.forget, endpoint.shard, endpoint.replica, beat)
 
-    def _too_soon(self, replica: str) -> bool:
-        return time.monotonic() - self._failing.get(replica, (0.0, 0.0))[1] < RETRY_CONNECT_S
+    def _connected(self, task: asyncio.Task[None]) -> None:
+        for replica, t in list(self._connecting.items()):
+            if t is task:
+                del self._connecting[replica]
+
+    def _alive(self, endpoint: Endpoint, beat: object, now: float, forget: list[tuple[Endpoint, object]]
+               ) -> bool:
+        """Whether the replica's heartbeat moved within `STALE_S`; a key still for `FORGET_S` is deleted
+        (a replica killed without draining; one that was only paused puts it back with its next beat)."""
+        last = self._beats.get(endpoint.replica)
+        if last is None or last[0] != beat:
+            self._beats[endpoint.replica] = (beat, now)
+            return True
+        still = now - last[1]
+        if still > FORGET_S:
+            log.info("forgetting shard %d replica %s: no heartbeat for %.0f s", endpoint.shard,
+                     endpoint.replica, still)
+            forget.append((endpoint, beat))
+            self._beats.pop(endpoint.replica, None)
+        return still <= STALE_S
 
     async def _connect(self, endpoint: Endpoint) -> None:
         shared = self.transport == "auto" and endpoint.node == self.node
         try:
-            channel = await asyncio.to_thread(open_channel, endpoint, self.spec, shared)
-        except Exception as e:  # noqa: BLE001 - refused, not there (yet / any more)
-            now = time.monotonic()
-            first = self._failing.get(endpoint.replica, (now, now))[0]
-            self._failing[endpoint.replica] = (first, now)
-            if now - first > STALE_S:
-                log.info("forgetting shard %d replica %s: unreachable for %.0f s (%s)", endpoint.shard,
-                         endpoint.replica, now - first, e)
-                await asyncio.to_thread(self.directory.retract, endpoint.shard, endpoint.replica)
-                self._failing.pop(endpoint.replica, None)
-            else:
-                log.debug("cannot open a channel to shard %d replica %s yet: %s", endpoint.shard,
-                          endpoint.replica, e)
+            channel = await self._open(endpoint, shared)
+            await self._probe(channel)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - refused, not there (yet / any more), hung
+            self._back_off(endpoint, f"cannot open a channel: {type(e).__name__}: {e}")
             return
         self._failing.pop(endpoint.replica, None)
-        channel.attach(asyncio.get_running_loop())
         self.pending.append(channel)
         self.opened += 1
         log.info("data-plane channel to shard %d replica %s opened (%s)", endpoint.shard, endpoint.replica,
                  "shared memory" if shared else f"tcp {endpoint.host}:{endpoint.port}")
 
+    async def _open(self, endpoint: Endpoint, shared: bool) -> Channel:
+        """`open_channel` on a thread; a channel opened after its caller gave up is closed, not leaked."""
+        future = self._executor.submit(open_channel, endpoint, self.spec, shared)
+        try:
+            channel = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_close_result)
+            raise
+        channel.attach(asyncio.get_running_loop())
+        return channel
+
+    async def _probe(self, channel: Channel) -> None:
+        """One row of padding (no expert computes it) through the whole path, answered within
+        `PROBE_TIMEOUT_S`; an error the shard's own code raised still proves it answers."""
+        x = torch.zeros(1, self.spec.dim, dtype=self.spec.dtype)
+        ids = torch.full((1, self.spec.max_slots), -1, dtype=torch.long)
+        gates = torch.zeros(1, self.spec.max_slots, dtype=self.spec.dtype)
+        try:
+            await channel.call(0, x, ids, gates, (), torch.zeros_like(x), None,
+                               deadline=time.perf_counter() + PROBE_TIMEOUT_S)
+        except RemoteError:
+            pass
+        except BaseException:
+            channel.close()
+            raise
+        channel.forget_timing()
+
     def close(self) -> None:
+        """Stop discovery and close every channel (idempotent)."""
         if self._task is not None:
             self._task.cancel()
-        for c in [*self.pending, *(c for row in self.table for c in row)]:
+        for task in list(self._connecting.values()):
+            task.cancel()
+        for c in self._channels():
             c.close()
         self.pending, self.table = [], [[] for _ in self.table]
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict[str, Any]:
         return {"channels": [len(self.links(s)) for s in range(len(self.table))],
                 "channels_opened": self.opened, "channels_closed": self.closed_channels}
 
 
-def chunk_count(n: int, links: int, max_rows: int, min_split_rows: int) -> int:
-    """How many chunks a shard's n rows go in: one per usable link (at least `min_split_rows` rows
-    each), and never a chunk larger than a channel's frame."""
-    return max(1, min(links, n // min_split_rows), math.ceil(n / max_rows))
+def _close_result(future: concurrent.futures.Future[Channel]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()

@@ -25,6 +25,7 @@ from moray.actors.channel import ChannelSpec
 from moray.actors.dataplane import DataPlane, Transport
 from moray.actors.directory import Directory
 from moray.actors.experts import resolve_dtype
+from moray.actors.faults import DispatcherUnavailableError, fault_kind
 from moray.actors.logs import setup_actor_logging
 from moray.actors.placement import Placement
 from moray.actors.replacement import DispatcherFollower
@@ -85,10 +86,14 @@ class Dispatcher:
                 "param_names": self.model.param_names(), "pid": os.getpid()}
 
     def close(self) -> None:
-        """Leave the placement board (a coordinator stops waiting for this dispatcher)."""
+        """Leave the placement board (a coordinator stops waiting for this dispatcher) and close the data
+        plane's channels (idempotent)."""
         follower, self.follower = getattr(self, "follower", None), None
         if follower is not None:
             follower.stop()
+        experts = getattr(self, "experts", None)
+        if experts is not None and isinstance(experts.links, DataPlane):
+            experts.links.close()
 
     def __del__(self) -> None:
         self.close()
@@ -107,19 +112,13 @@ class Dispatcher:
 # ---- callers' side: a dead dispatcher fails fast ------------------------------------------------------
 PROBE_TIMEOUT_S = 2.0  # one probe call of a dispatcher believed dead
 PROBE_PAUSE_S = 0.5  # between probes
-
-
-class DispatcherUnavailableError(RuntimeError):
-    """The dispatcher's process died and no replacement answers yet (HTTP 503)."""
+__all__ = ["Dispatcher", "DispatcherUnavailableError", "DispatcherWatch", "actor_died"]
 
 
 def actor_died(e: BaseException) -> bool:
-    """A Ray/Serve error saying the replica a call went to is gone (not an error raised inside it)."""
-    import ray.exceptions as rex
-
-    if isinstance(e, rex.RayTaskError):  # raised by the dispatcher's own code (e.g. a shard timed out)
-        return False
-    return isinstance(e, rex.RayActorError) or type(e).__name__ == "ReplicaUnavailableError"
+    """A Ray/Serve error saying the replica a call went to is gone (not an error raised inside it, such as
+    a shard that timed out: a `RayTaskError`)."""
+    return fault_kind(e) == "died"
 
 
 class DispatcherWatch:

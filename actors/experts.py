@@ -4,9 +4,10 @@ A plain class, so the same object runs as a Ray actor (`actors/runtime.py`) and 
 deployment (`deploy/serve/deployments.py`). It never reads attention weights nor other shards' experts.
 
 Given a data-plane `group`, it opens a `ShardEndpoint` (`actors/endpoint.py`) and announces it in the
-`Directory`; dispatchers then send its rows over shared memory or TCP instead of calling `serve`
-through Ray. `close()` (Serve calls `__del__` when it stops a replica) retracts the announcement and
-drains the channels first.
+`Directory`, again every few seconds (`Heartbeat`); dispatchers then send its rows over shared memory or
+TCP instead of calling `serve` through Ray. `close()` (Serve calls `__del__` when it stops a replica)
+retracts the announcement and drains the channels first. `check_health()` (Serve's health check) fails
+while an expert call has been computing for longer than `HUNG_CALL_S`.
 
 Given a placement `board` (`actors/board.py`), the experts it holds follow the board while it serves
 (`ShardFollower`, `actors/replacement.py`): `hold()` loads only the experts gained, from the checkpoint.
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from moray.actors.board import PlacementBoard
-from moray.actors.directory import Directory
+from moray.actors.directory import Directory, Heartbeat
 from moray.actors.endpoint import ShardEndpoint
 from moray.actors.frames import Limits
 from moray.actors.logs import setup_actor_logging
@@ -37,6 +38,7 @@ from moray.model.weights import load_experts
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUNG_CALL_S = 30.0  # an expert call computing this long means a hung device: the health check fails
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -77,6 +79,7 @@ class ExpertShard:
         log.info("expert shard %d holds %s (%.1f MB)", shard_id, _describe(self.experts),
                  self.param_bytes() / 1e6)
         self.endpoint: ShardEndpoint | None = None
+        self.heartbeat: Heartbeat | None = None
         self.directory = Directory(group) if group else None
         if self.directory is not None:
             self._open_endpoint(self.dtype)
@@ -133,7 +136,8 @@ class ExpertShard:
         limits = Limits(max_rows=0, dim=self.cfg.dim, dtype=dtype, num_layers=self.cfg.n_layers,
                         max_slots=self.cfg.top_k)
         self.endpoint = ShardEndpoint(self.serve, limits, host=_node_address())
-        self.directory.announce(self.shard_id, self.replica, {**self.endpoint.address(), "node": _node_id()})
+        self.heartbeat = Heartbeat(self.directory, self.shard_id, self.replica,
+                                   {**self.endpoint.address(), "node": _node_id()})
         log.info("expert shard %d replica %s takes channels on tcp %s:%d and shared memory",
                  self.shard_id, self.replica, self.endpoint.host, self.endpoint.port)
 
@@ -145,10 +149,10 @@ class ExpertShard:
         endpoint, self.endpoint = getattr(self, "endpoint", None), None
         if endpoint is None:
             return
+        heartbeat, self.heartbeat = getattr(self, "heartbeat", None), None
         try:
-            if self.directory is not None:
-                self.directory.retract(self.shard_id, self.replica)
-
+            if heartbeat is not None:
+                heartbeat.stop()  # and retract: no dispatcher dials it any more
         except Exception as e:  # noqa: BLE001 - the cluster is going away too
             log.debug("could not retract the endpoint: %s", e)
         left = endpoint.drain(drain_s)
@@ -158,6 +162,12 @@ class ExpertShard:
 
     def __del__(self) -> None:
         self.close()
+
+    def check_health(self) -> None:
+        """Raise if the data plane cannot serve: its endpoint stopped accepting, or an expert call has been
+        computing for more than `HUNG_CALL_S` (Serve's health check: a replica that fails it is replaced)."""
+        if self.endpoint is not None:
+            self.endpoint.check_health(HUNG_CALL_S)
 
     def serve(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
               request_ids: Sequence[str] = ()) -> torch.Tensor:

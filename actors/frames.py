@@ -5,7 +5,8 @@ shared-memory region and on a socket, so both transports read and write through 
 
     request: header | x [n, D] | expert_ids [n, k] int64 | gates [n, k] | tags (utf-8, '\\n'-joined)
     reply:   header | y [n, D]
-    error:   header | message (utf-8)
+    error:   header | message (utf-8)   (the shard's own code raised: the channel stays in step)
+    refused: header | message (utf-8)   (the frame broke the agreement: the channel is over)
 
 Every header carries a magic number, the format version and the sender's sequence number: the
 receiver refuses (`FrameError`, a clear message, never a wrong answer) a frame whose magic, kind,
@@ -26,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 MAGIC = 0x4D524159  # "MRAY"
-VERSION = 1
+VERSION = 2  # 2: REFUSED frames
 # magic kind version seq layer rows slots dim x_dtype gates_dtype (pad) tag_bytes payload
 HEADER = struct.Struct("<IHHQiiiiBBHIQ")
 HEADER_BYTES = 64
@@ -44,6 +45,7 @@ class Kind(IntEnum):
     DRAIN = 4  # the shard is stopping: send it nothing more, close the channel
     HELLO = 5  # opens a channel: rows = max rows per frame, dim, dtypes; payload: the token
     WELCOME = 6  # the shard accepted a HELLO
+    REFUSED = 7  # the receiver refused a frame (or a HELLO); it reads nothing more on the channel
 
 
 KINDS = frozenset(int(k) for k in Kind)
@@ -54,8 +56,12 @@ class FrameError(ValueError):
     """A frame that breaks the channel's agreement (truncated, out of sequence, oversized, wrong dtype)."""
 
 
+class RefusedError(FrameError):
+    """The peer refused our frame (it broke the channel's agreement): the channel is out of step."""
+
+
 class RemoteError(RuntimeError):
-    """The peer answered with an error frame (its own code raised, or it refused our frame)."""
+    """The peer's own code raised while answering (the channel stays in step), or it refused a HELLO."""
 
 
 class Header(NamedTuple):  # a tuple: built and read on every frame, so no dataclass machinery
@@ -228,17 +234,20 @@ class FrameBuffer:
         return end
 
     def write_message(self, kind: Kind, seq: int, message: str = "") -> int:
-        """An ERROR, DRAIN, HELLO or WELCOME frame: a header and some text."""
+        """An ERROR, REFUSED, DRAIN, HELLO or WELCOME frame: a header and some text."""
         data = message.encode()[:min(MAX_MESSAGE_BYTES, len(self.buf) - HEADER_BYTES)]
         self.buf[HEADER_BYTES:HEADER_BYTES + len(data)] = data
         Header(kind, seq, -1, 0, 0, 0, 0, 0, 0, len(data)).pack_into(self.buf)
         return HEADER_BYTES + len(data)
 
     def read_reply(self, expected_seq: int, rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
-        """The answer y [rows, dim] to request `expected_seq`; `RemoteError` if the peer sent an error."""
+        """The answer y [rows, dim] to request `expected_seq`; `RemoteError` if the peer's code raised,
+        `RefusedError` if it refused the request."""
         h = Header.unpack(self.buf)
         if h.kind == Kind.ERROR:
             raise RemoteError(self.message(h))
+        if h.kind == Kind.REFUSED:
+            raise RefusedError(f"the shard refused the frame: {self.message(h)}")
         h = self.header(Kind.REPLY, expected_seq)
         if (h.rows, h.dim, CODE_DTYPES.get(h.x_dtype)) != (rows, dim, dtype):
             raise FrameError(f"reply of {h.rows}x{h.dim} {CODE_DTYPES.get(h.x_dtype)}, "

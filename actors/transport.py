@@ -13,9 +13,13 @@ links per shard:
   layer (`.serve.remote(layer, x, ids, gates, tags)`), as before the data plane; kept so the two can
   be measured side by side.
 
-A call that fails because its replica died is retried on another live replica (or, through Serve,
-its replacement) until `shard_timeout_s` passes; then `ShardUnavailableError` (HTTP 503). Every
-attempt is bounded by that deadline too.
+Faults (`actors/faults.py`): each attempt has a deadline of its own, `HUNG_FACTOR` times what the
+channel's recent round trips say its rows take, and at least `hung_after_s`, so a hung replica is told
+from a slow one in seconds, not a minute. A call whose replica died, hung or refused the frame
+(`fault_kind`) is retried at once on another usable replica of the shard (or waits for a new one)
+until `shard_timeout_s` after the call began; then `ShardUnavailableError` (HTTP 503). Faults are
+counted per (shard, kind) in `stats()["shard_faults"]` (`moray_shard_faults_total`). When a call fails
+for good, the step's other calls are cancelled, and the layer returns only once every call has.
 
 The placement itself can change while serving (online re-placement, `actors/replacement.py`): a new one
 is staged from any thread and routes from the first moment no expert call is in flight.
@@ -26,34 +30,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from moray.actors.channel import add_rows
+from moray.actors.faults import FaultKind, PeerGoneError, ShardUnavailableError, busy, fault_kind
 from moray.actors.placement import Placement, split_among_replicas
 from moray.model.engine import STEP_REQUESTS
 from moray.model.experts import split_by_shard
 
+__all__ = ["HandleLinks", "Link", "Links", "ShardUnavailableError", "ShardedExperts"]
+
 log = logging.getLogger(__name__)
 
-
-class ShardUnavailableError(RuntimeError):
-    """No live replica of an expert shard answered within the timeout."""
+HUNG_FACTOR = 10.0  # an attempt waits this many times the channel's expected round trip ...
+HUNG_AFTER_S = 2.0  # ... and at least this long, before its replica counts as hung
 
 
 class Link(Protocol):
     async def call(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
                    tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor | None,
-                   spin: bool = False) -> None:
+                   spin: bool = False, deadline: float = math.inf) -> None:
         """Send the rows `rows` of the layer's x [T, D] (all of them when None) with their expert ids
         [n, k] and gates [n, k]; add y [n, D] into out[rows]. `spin`: this is the step's last call to
-        go out, it may poll for its answer."""
+        go out, it may poll for its answer. No answer by `deadline` (`time.perf_counter()`): a fault."""
+
+    def expected_s(self, rows: int) -> float:
+        """How long an answer for `rows` rows should take (inf: unknown, the whole budget bounds it)."""
 
 
 class Links(Protocol):
@@ -63,29 +73,8 @@ class Links(Protocol):
 
     def links(self, shard: int) -> Sequence[Link]: ...
     async def pick(self, shard: int, deadline: float, attempt: int) -> Link | None: ...
-    def retryable(self, error: BaseException) -> bool: ...
     def between_steps(self) -> None: ...
     def stats(self) -> dict[str, Any]: ...
-
-
-SERVE_RETRYABLE = ("BackPressureError", "DeploymentUnavailableError", "ReplicaUnavailableError")
-
-
-def _retryable(e: BaseException) -> bool:
-    """True for errors saying the call's replica is gone or not there yet, never for one the shard's own
-    code raised (a `RayTaskError`). Measured on Ray 2.60: a Serve handle call whose replica is killed
-    mid-call raises `ActorDiedError` at once (the next call waits in Serve's router for the
-    replacement); an unreachable replica gives `ActorUnavailableError` (both `RayActorError`s); a
-    replica gone between Serve's choice and the send gives `ReplicaUnavailableError`. Ray actor
-    handles add `WorkerCrashedError` / `ObjectLostError`."""
-    import ray.exceptions as rex
-    import ray.serve.exceptions as sex
-
-    if isinstance(e, rex.RayTaskError):
-        return False
-    retry = (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError)
-    retry += tuple(getattr(sex, name) for name in SERVE_RETRYABLE if hasattr(sex, name))
-    return isinstance(e, retry)
 
 
 class HandleLink:
@@ -96,16 +85,26 @@ class HandleLink:
 
     async def call(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
                    tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor | None,
-                   spin: bool = False) -> None:
+                   spin: bool = False, deadline: float = math.inf) -> None:
         xs = x if rows is None else x.index_select(0, rows.to(x.device))
         response = self.handle.serve.remote(layer, xs, expert_ids, gates, tuple(tags))
         try:
-            y = await response
-        except asyncio.CancelledError:
+            async with _timeout(max(deadline - time.perf_counter(), 1e-3)):
+                y = await response
+        except (asyncio.CancelledError, asyncio.TimeoutError) as e:
             if hasattr(response, "cancel"):  # a Serve DeploymentResponse (a Ray ObjectRef has none)
                 response.cancel()
+            if isinstance(e, asyncio.TimeoutError):
+                raise PeerGoneError("no answer by the call's deadline", "hung") from None
+            raise
+        except Exception as e:
+            if busy(e):  # the shard's queue is full: another try after a back-off
+                raise PeerGoneError(f"refused: {e}", "refused") from None
             raise
         add_rows(out, rows, y)
+
+    def expected_s(self, rows: int) -> float:
+        return math.inf  # Serve's router picks the replica: only the whole budget bounds a call
 
 
 class HandleLinks:
@@ -127,9 +126,6 @@ class HandleLinks:
                 return None
             await asyncio.sleep(delay)
         return self.handles[shard]
-
-    def retryable(self, error: BaseException) -> bool:
-        return _retryable(error)
 
     def between_steps(self) -> None:
         pass
@@ -157,14 +153,16 @@ else:  # pragma: no cover - Python 3.10
 
 class ShardedExperts:
     def __init__(self, placement: Placement, links: Links, shard_timeout_s: float = 60.0,
-                 version: int = 0) -> None:
+                 version: int = 0, hung_after_s: float = HUNG_AFTER_S) -> None:
         self.placement, self.links, self.shard_timeout_s = placement, links, shard_timeout_s
+        self.hung_after_s = hung_after_s
         self.version = version  # the placement board's version of `placement` (0: no board)
         self.num_shards = placement.num_shards
         self.min_split_rows = 4
         self.calls = [0] * self.num_shards
         self.call_s = [0.0] * self.num_shards
         self.retries = 0
+        self.faults: dict[tuple[int, FaultKind], int] = {}  # (shard, kind) -> faults met
         self.in_flight = 0
         self._staged: tuple[int, Placement] | None = None
         self._turns: dict[int, np.ndarray] = {}  # layer -> [E]: where each expert's copies rotation stands
@@ -232,7 +230,7 @@ class ShardedExperts:
         if len(calls) == 1:
             await calls[0]
         else:
-            await asyncio.gather(*calls)  # each sends as it starts: all are out before any waits
+            await _all(calls)  # each sends as it starts: all are out before any waits
         return y
 
     def _split(self, n: int, links: int) -> list[slice]:
@@ -254,24 +252,38 @@ class ShardedExperts:
                 link = await self.links.pick(shard, deadline, attempt)
             if link is None:
                 raise ShardUnavailableError(
-                    f"expert shard {shard} has no live replica after {self.shard_timeout_s:g} s")
+                    f"no replica of expert shard {shard} answered within {self.shard_timeout_s:g} s")
+            patience = max(self.hung_after_s, HUNG_FACTOR * link.expected_s(ids.shape[0]))
             try:
-                left = max(deadline - time.perf_counter(), 1e-3)
-                async with _timeout(left):
-                    await link.call(layer, x, ids, gates, tags, out, rows, spin)
+                await link.call(layer, x, ids, gates, tags, out, rows, spin,
+                                min(deadline, time.perf_counter() + patience))
                 break
-            except asyncio.TimeoutError as e:
-                raise ShardUnavailableError(
-                    f"expert shard {shard} did not answer within {self.shard_timeout_s:g} s") from e
             except Exception as e:
-                if not self.links.retryable(e):
+                kind = fault_kind(e)
+                if kind is None:
                     raise
                 attempt += 1
                 self.retries += 1
-                log.warning("expert shard %d call failed (%s: %s); retrying", shard, type(e).__name__, e)
+                self.faults[(shard, kind)] = self.faults.get((shard, kind), 0) + 1
+                log.warning("expert shard %d call failed (%s: %s); retrying", shard, kind, str(e))
         self.calls[shard] += 1
         self.call_s[shard] += time.perf_counter() - start
 
     def stats(self) -> dict[str, Any]:
         return {"shard_calls": list(self.calls), "shard_call_s": list(self.call_s),
-                "shard_retries": self.retries, "placement_version": self.version, **self.links.stats()}
+                "shard_retries": self.retries, "placement_version": self.version,
+                "shard_faults": [[shard, kind, n] for (shard, kind), n in sorted(self.faults.items())],
+                **self.links.stats()}
+
+
+async def _all(calls: Sequence[Coroutine[Any, Any, None]]) -> None:
+    """Run the calls together; when one fails, cancel the others and return only once every one has
+    (none is left running against a placement or a buffer the caller is about to change)."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

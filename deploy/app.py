@@ -40,8 +40,10 @@ from moray.model.tiny import TinySpec, default_model_dir
 
 log = logging.getLogger(__name__)
 
+# A shard replica that hangs (a stalled device, a stopped process) fails its health check within
+# period + timeout; Serve then replaces it (the dispatchers stopped using it at their first missed deadline).
 SHARD_OPTIONS: dict[str, Any] = {"max_ongoing_requests": 64, "graceful_shutdown_timeout_s": 5.0,
-                                 "health_check_period_s": 5.0}
+                                 "health_check_period_s": 5.0, "health_check_timeout_s": 10.0}
 DISPATCHER_OPTIONS: dict[str, Any] = {"graceful_shutdown_timeout_s": 5.0, "health_check_period_s": 5.0}
 INGRESS_OPTIONS: dict[str, Any] = {"name": INGRESS, "max_ongoing_requests": 2000,
                                    "graceful_shutdown_timeout_s": 5.0, "ray_actor_options": {"num_cpus": 0}}

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from moray.actors.faults import busy, unavailable
 from moray.model.engine import QueueFullError, RequestError
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,6 @@ ERROR_TYPES = {
     503: "ServiceUnavailableError",
     504: "TimeoutError",
 }
-# Failures that mean "no engine to serve this right now" (503, retry later), by class name: Ray's,
-# Serve's and moray's own (`ShardUnavailableError`, `DispatcherUnavailableError`) alike.
-UNAVAILABLE = {"RayActorError", "ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError",
-               "ReplicaUnavailableError", "ShardUnavailableError", "WorkerCrashedError", "RayServeException",
-               "ObjectLostError", "DispatcherUnavailableError"}
 
 
 class ErrorInfo(BaseModel):
@@ -80,11 +76,11 @@ def to_api_error(e: BaseException) -> APIError:
         return e
     if isinstance(e, RequestError):
         return APIError(400, str(e))
-    if isinstance(e, QueueFullError) or name == "BackPressureError":
+    if isinstance(e, QueueFullError) or busy(e):
         return APIError(429, "the server is overloaded; retry later", headers={"Retry-After": RETRY_AFTER_S})
     if isinstance(e, asyncio.TimeoutError):
         return APIError(504, "the request timed out")
-    if name in UNAVAILABLE:
+    if unavailable(e):  # the one classifier of Ray's, Serve's and moray's errors (actors/faults.py)
         return APIError(503, f"the model is unavailable ({name}); retry later",
                         headers={"Retry-After": RETRY_AFTER_S})
     log.error("internal error: %s", name, exc_info=e)

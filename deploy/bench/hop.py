@@ -20,7 +20,7 @@ import torch
 
 from moray.actors.channel import ChannelSpec
 from moray.actors.dataplane import DataPlane
-from moray.actors.directory import Directory
+from moray.actors.directory import Directory, Heartbeat
 from moray.actors.endpoint import ShardEndpoint
 from moray.actors.frames import Limits
 from moray.actors.placement import Placement
@@ -45,7 +45,8 @@ class EchoShard:
             self.endpoint = ShardEndpoint(self.serve, Limits(0, DIM, torch.float32, 1),
                                           host=ray.util.get_node_ip_address())
             node = ray.get_runtime_context().get_node_id()
-            Directory(group).announce(shard, uuid.uuid4().hex[:12], {**self.endpoint.address(), "node": node})
+            self.heartbeat = Heartbeat(Directory(group), shard, uuid.uuid4().hex[:12],
+                                       {**self.endpoint.address(), "node": node})
 
     def serve(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
               request_ids: Sequence[str] = ()) -> torch.Tensor:

@@ -5,7 +5,9 @@ which it reports to Serve's autoscaler (`record_autoscaling_stats`, tokens route
 to Prometheus (`moray_expert_tokens_total{layer,expert,shard}`). `ServedDispatcher` adds to
 `Dispatcher` the engine gauges, the step-phase and transport histograms, and keeps
 `ShardedExperts.replicas` in step with Serve's live replica counts so a hot shard's rows are split
-over all its replicas (each chunk then goes to the least-loaded replica: `router.py`).
+over all its replicas (each chunk then goes to the least-loaded replica: `router.py`), and exports the
+expert calls' faults (`moray_shard_faults_total`). A shard replica's health check (`check_health`,
+`actors/experts.py`) looks into its data-plane endpoint: Serve replaces one that hangs.
 
 Both follow the app's placement board (online expert re-placement, `actors/replacement.py`); every
 dispatcher replica carries an `AppRebalancer` (`rebalancer.py`): the balancedness gauges, `moray
@@ -106,6 +108,7 @@ class ServedDispatcher(Dispatcher):
         self._refresher: asyncio.Task[None] | None = None
         self._last_times = dict(vars(self.engine.times))
         self._last_calls: list[tuple[int, float]] = [(0, 0.0)] * self.experts.placement.num_shards
+        self._last_faults: dict[tuple[int, str], int] = {}
 
     async def generate(self, request: Any) -> Any:  # type: ignore[override]
         self._ensure_refresher()
@@ -184,3 +187,8 @@ class ServedDispatcher(Dispatcher):
             if n > n0:
                 metrics.observe_transport(shard, (s - s0) / (n - n0))
         self._last_calls = list(zip(calls["shard_calls"], calls["shard_call_s"], strict=True))
+        for shard, kind, n in calls["shard_faults"]:  # [shard, kind, faults so far]
+            seen = self._last_faults.get((shard, kind), 0)
+            if n > seen:
+                metrics.record_shard_faults(shard, kind, n - seen)
+                self._last_faults[(shard, kind)] = n

@@ -94,9 +94,13 @@ METRICS: tuple[MetricSpec, ...] = (
                "Online expert re-placements by outcome (applied, skipped, aborted, ...) and cause.",
                ("outcome", "cause")),
     MetricSpec("moray_placement_version", "gauge", "Version of the expert placement in force."),
+    MetricSpec("moray_shard_faults_total", "counter",
+               "Expert calls whose shard replica died, hung or refused the frame (each retried on another "
+               "replica), by shard and kind.", ("shard", "kind")),
 )
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
-EVENT_METRICS = frozenset({"moray_rebalances_total"})  # recorded when a rebalance runs, not on requests
+# recorded when a rebalance runs or a replica fails, not on every request's path
+EVENT_METRICS = frozenset({"moray_rebalances_total", "moray_shard_faults_total"})
 
 MAX_ENDPOINTS = 32  # distinct `endpoint` label values per process; later ones are recorded as "other"
 
@@ -218,6 +222,11 @@ def set_engine_gauges(waiting: int, running: int, kv_used: int, kv_free: int) ->
 
 def set_shard_replicas(shard: int, replicas: int) -> None:
     set_gauge("moray_shard_replicas", replicas, {"shard": shard})
+
+
+def record_shard_faults(shard: int, kind: str, n: int) -> None:
+    """`n` more expert calls to `shard` met a fault of `kind` (died, hung, refused: `actors/faults.py`)."""
+    inc("moray_shard_faults_total", n, {"shard": shard, "kind": kind})
 
 
 def observe_transport(shard: int, seconds: float) -> None:

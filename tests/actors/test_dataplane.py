@@ -248,30 +248,34 @@ def read_frame(sock: socket.socket) -> tuple[Header, bytes]:
 
 
 def test_bad_frames_on_a_live_channel(shard: ExpertShard, endpoint: tuple[ShardEndpoint, Endpoint]) -> None:
-    """Out of sequence: refused, the channel keeps serving; oversized: refused and closed; bad token."""
+    """A good frame is answered; a frame out of sequence or oversized is answered REFUSED and ends the
+    channel (it is out of step: the dispatcher retries the rows elsewhere); a bad token is refused."""
     ep, chan = endpoint[0], spec(shard, rows=8)
+    x, ids, gates = torch.randn(3, shard.cfg.dim), torch.tensor([[0, 1], [2, 3], [4, -1]]), torch.rand(3, 2)
+    buf = FrameBuffer(memoryview(bytearray(chan.capacity)))
     sock = raw_tcp(ep, chan)
     assert read_frame(sock)[0].kind == Kind.WELCOME
-    buf = FrameBuffer(memoryview(bytearray(chan.capacity)))
-    x, ids, gates = torch.randn(3, shard.cfg.dim), torch.tensor([[0, 1], [2, 3], [4, -1]]), torch.rand(3, 2)
-    n = buf.write_request(5, 0, x, ids, gates)
-    sock.sendall(buf.buf[:n])
-    h, body = read_frame(sock)
-    assert h.kind == Kind.ERROR and "out of sequence: expected 1, got 5" in body.decode()
     n = buf.write_request(1, 0, x, ids, gates)
     sock.sendall(buf.buf[:n])
     h, body = read_frame(sock)
     assert h.kind == Kind.REPLY and h.seq == 1
     y = torch.frombuffer(bytearray(body), dtype=torch.float32).view(3, -1)
     assert torch.equal(y, shard.banks[0](x, ids, gates))
-    Header(Kind.REQUEST, 2, 0, 3, 2, shard.cfg.dim, 1, 1, 0, 1 << 30).pack_into(buf.buf)
+    n = buf.write_request(5, 0, x, ids, gates)
+    sock.sendall(buf.buf[:n])
+    h, body = read_frame(sock)
+    assert h.kind == Kind.REFUSED and "out of sequence: expected 2, got 5" in body.decode()
+    assert sock.recv(1) == b""  # closed: nothing more is answered on a channel out of step
+    sock = raw_tcp(ep, chan)
+    assert read_frame(sock)[0].kind == Kind.WELCOME
+    Header(Kind.REQUEST, 1, 0, 3, 2, shard.cfg.dim, 1, 1, 0, 1 << 30).pack_into(buf.buf)
     sock.sendall(buf.buf[:HEADER_BYTES])
     h, body = read_frame(sock)
-    assert h.kind == Kind.ERROR and "oversized frame" in body.decode()
+    assert h.kind == Kind.REFUSED and "oversized frame" in body.decode()
     assert sock.recv(1) == b""  # closed: the stream cannot be trusted past an unread frame
     bad = raw_tcp(ep, chan, token=bytes(TOKEN_BYTES))
     h, body = read_frame(bad)
-    assert h.kind == Kind.ERROR and "wrong token" in body.decode()
+    assert h.kind == Kind.REFUSED and "wrong token" in body.decode()
 
 
 SERVER = """

@@ -42,6 +42,7 @@ class Emitter:
         metrics.set_balancedness([0.5, 0.75], overall=0.6)
         metrics.record_rebalance("applied", "test", version=2)
         metrics.set_placement_version(2)
+        metrics.record_shard_faults(SHARD, "hung", 2)
         return ray.get_runtime_context().get_node_id()
 
 
@@ -97,6 +98,7 @@ def test_values_and_labels_survive_export(scraped: dict[str, list[tuple[dict[str
     buckets = {lab["le"]: v for lab, v in scraped["ray_moray_transport_seconds_bucket"]
                if lab.get("shard") == str(SHARD)}
     assert buckets["0.0025"] == 0.0 and buckets["0.005"] == 1.0 and buckets["+Inf"] == 1.0
+    assert ours(scraped["ray_moray_shard_faults_total"], shard=SHARD, kind="hung") == [2.0]
     phases = {lab["phase"] for lab, _ in scraped["ray_moray_step_seconds_count"]}
     assert set(metrics.STEP_PHASES) <= phases
 

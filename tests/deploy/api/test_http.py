@@ -11,7 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+import ray.exceptions as rex
+import ray.serve.exceptions as sex
 
+from moray.actors.faults import DispatcherUnavailableError, PeerGoneError, ShardUnavailableError
 from moray.deploy.api.admission import bearer, lone_surrogate, parse
 from moray.deploy.api.errors import APIError, to_api_error, unwrap
 from moray.deploy.api.http import create_api, read_json, sse
@@ -31,14 +34,14 @@ class RayTaskError(Exception):
         self.cause = cause
 
 
-class ShardUnavailableError(RuntimeError):
-    """Named as moray's transport error (classified by name: the API does not import actors/)."""
-
-
 @pytest.mark.parametrize(("error", "status"), [
     (RequestError("prompt too long"), 400), (QueueFullError("full"), 429), (asyncio.TimeoutError(), 504),
     (ShardUnavailableError("gone"), 503), (KeyError("a bug"), 500), (APIError(404, "no model"), 404),
-    (RayTaskError(RequestError("wrapped")), 400),
+    (RayTaskError(RequestError("wrapped")), 400), (RayTaskError(ShardUnavailableError("wrapped")), 503),
+    (DispatcherUnavailableError("restarting"), 503), (PeerGoneError("hung", "hung"), 503),
+    (rex.ActorDiedError(), 503), (sex.ReplicaUnavailableError("r1"), 503),
+    (sex.BackPressureError(num_queued_requests=3, max_queued_requests=2), 429),
+    (ConnectionResetError("a bug of ours, not a replica's fault"), 500),
 ])
 def test_failures_map_to_http_statuses(error: BaseException, status: int) -> None:
     err = to_api_error(error)
