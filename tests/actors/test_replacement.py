@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -143,24 +144,61 @@ def test_one_rebalance_balances_the_shards_own_counters(ray_session: Any, skewed
         rt.shutdown()
 
 
+def hold_streams_at(dispatcher: Any, tokens: int) -> None:
+    """From now on the dispatcher's engine waits before a step for a sequence that has `tokens` tokens,
+    until `release_streams`: between steps, with no expert call in flight, so a move's commit can still
+    switch its routing. Installed in the actor by `__ray_call__` (not on its event loop: the gate is a
+    threading.Event; nested functions travel by value)."""
+
+    def install(actor: Any) -> None:
+        engine, gate = actor.engine, threading.Event()
+        step = engine._step
+
+        async def held_step(sched: list[tuple[Any, int]]) -> None:
+            if any(seq.generated >= tokens for seq, _ in sched):
+                await asyncio.to_thread(gate.wait)
+            await step(sched)
+
+        engine._step, engine.release_streams = held_step, gate.set
+
+    ray.get(dispatcher.__ray_call__.remote(install))
+
+
+def release_streams(dispatcher: Any) -> None:
+    ray.get(dispatcher.__ray_call__.remote(lambda actor: actor.engine.release_streams()))
+
+
 def test_streams_across_a_move_keep_their_greedy_tokens(ray_session: Any, skewed_dir: Path) -> None:
-    reqs = [GenerateRequest(p, greedy(120)) for p in prompts(16, seed=2)]
+    """The move starts once every stream has its first token and is in force before any passes half
+    its tokens (they wait there): each stream has tokens routed with both placements, at any speed."""
+    n = 120
+    reqs = [GenerateRequest(p, greedy(n)) for p in prompts(16, seed=2)]
     want = local_run(skewed_dir, reqs)
     rt = start_runtime(str(skewed_dir), 4, ENGINE)
     try:
         loads = np.array([[92.0, 30, 41, 21], [92.0, 33, 32, 27]])
-        moves: list[MoveResult] = []
+        hold_streams_at(rt.dispatcher, n // 2)
 
         async def run() -> list[list[int]]:
-            streams = [asyncio.ensure_future(stream(rt, r)) for r in reqs]
-            await asyncio.sleep(1.0)
-            moves.append(await asyncio.to_thread(rt.rebalance, 2, loads=loads))
-            assert not all(s.done() for s in streams)  # the move happened while they ran
+            first = [asyncio.Event() for _ in reqs]
+
+            async def one(req: GenerateRequest, started: asyncio.Event) -> list[TokenEvent]:
+                events = []
+                async for event in rt.stream(req):
+                    events.append(event)
+                    started.set()
+                return events
+
+            streams = [asyncio.ensure_future(one(r, e)) for r, e in zip(reqs, first, strict=True)]
+            await asyncio.gather(*(e.wait() for e in first))
+            move = await asyncio.to_thread(rt.rebalance, 2, loads=loads)
+            assert move.outcome == "applied", move.reason
+            assert not any(s.done() for s in streams)  # the move happened while they ran
+            assert (await rt.dispatcher.stats.remote())["placement_version"] == 2
+            release_streams(rt.dispatcher)
             return [[e.token_id for e in events] for events in await asyncio.gather(*streams)]
 
-        got = asyncio.run(run())
-        assert moves[0].outcome == "applied", moves[0].reason
-        assert got == want
+        assert asyncio.run(run()) == want
     finally:
         rt.shutdown()
 
