@@ -255,11 +255,13 @@ class DataPlane:
         channel.forget_timing()
 
     def close(self) -> None:
-        """Stop discovery and close every channel (idempotent)."""
-        if self._task is not None:
-            self._task.cancel()
-        for task in list(self._connecting.values()):
-            task.cancel()
+        """Stop discovery and close every channel (idempotent; also from `__del__` once the loop is gone)."""
+        for task in [self._task, *self._connecting.values()]:
+            if task is not None:
+                try:
+                    task.cancel()
+                except RuntimeError:  # its event loop is closed: nothing runs it any more
+                    pass
         for c in self._channels():
             c.close()
         self.pending, self.table = [], [[] for _ in self.table]

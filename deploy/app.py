@@ -40,10 +40,11 @@ from moray.model.tiny import TinySpec, default_model_dir
 
 log = logging.getLogger(__name__)
 
-# A shard replica that hangs (a stalled device, a stopped process) fails its health check within
-# period + timeout; Serve then replaces it (the dispatchers stopped using it at their first missed deadline).
+# A shard replica that hangs (a stalled device, a stopped process) fails Serve's health check three times
+# in a row (Ray 2.60's threshold) within ~3 x (period + timeout) = 21 s, well inside the dispatchers'
+# shard_timeout_s; Serve then replaces it. The dispatchers stopped using it at their first missed deadline.
 SHARD_OPTIONS: dict[str, Any] = {"max_ongoing_requests": 64, "graceful_shutdown_timeout_s": 5.0,
-                                 "health_check_period_s": 5.0, "health_check_timeout_s": 10.0}
+                                 "health_check_period_s": 2.0, "health_check_timeout_s": 5.0}
 DISPATCHER_OPTIONS: dict[str, Any] = {"graceful_shutdown_timeout_s": 5.0, "health_check_period_s": 5.0}
 INGRESS_OPTIONS: dict[str, Any] = {"name": INGRESS, "max_ongoing_requests": 2000,
                                    "graceful_shutdown_timeout_s": 5.0, "ray_actor_options": {"num_cpus": 0}}

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import ray
 import torch
 
+from moray.actors.experts import ExpertShard
 from moray.actors.placement import Placement
 from moray.actors.runtime import Runtime, RuntimeOptions, start_runtime
 from moray.model.config import MixtralConfig
@@ -123,6 +125,54 @@ def test_killed_shard_mid_stream(ray_session: Any, tiny4_dir: Path) -> None:
         stats = ray.get(rt.dispatcher.stats.remote())
         assert stats["channels"] == [1, 1] and stats["channels_opened"] == 3 and stats["shard_retries"] >= 1
         assert ray.get(rt.shards[1].info.remote())["replica"] != victim["replica"]
+    finally:
+        rt.shutdown()
+
+
+def shut_channels(shard: Any) -> int:
+    """Shut down (both ways, at once) every data-plane connection the shard actor `shard` has open, from
+    inside its process, while frames may be on their way: what a vanishing peer looks like."""
+
+    def shut(s: ExpertShard) -> int:
+        sessions = list(s.endpoint._sessions.values()) if s.endpoint else []
+        for session in sessions:
+            session.conn.shutdown(socket.SHUT_RDWR)
+        return len(sessions)
+
+    return int(ray.get(shard.__ray_call__.remote(shut)))
+
+
+def test_a_tcp_channel_closed_mid_stream_is_retried_across_nodes(ray_session: Any, tiny4_dir: Path) -> None:
+    """Dispatcher on the head node, shards on the two expert nodes (TCP): shard 1 closes its channel while
+    3 streams generate; the call is retried on a new channel to the same live replica and every stream
+    keeps the tokens it would have had."""
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True, logprobs=2)
+    reqs = [GenerateRequest(p, long) for p in prompts(3, seed=12)]
+    want = local_run(tiny4_dir, reqs)
+    opts = RuntimeOptions(strategy="STRICT_SPREAD", shard_resources={"expert_node": 1},
+                          dispatcher_resources={"head_node": 0.5}, transport="socket")
+    rt = start_runtime(str(tiny4_dir), 2, ENGINE, options=opts)
+    try:
+        async def run() -> list[list[TokenEvent]]:
+            got: list[list[TokenEvent]] = [[] for _ in reqs]
+
+            async def consume(i: int) -> None:
+                async for event in rt.stream(reqs[i]):
+                    got[i].append(event)
+
+            streams = [asyncio.ensure_future(consume(i)) for i in range(len(reqs))]
+            while min(len(g) for g in got) < 10:
+                assert not any(s.done() for s in streams), "a stream ended early"
+                await asyncio.sleep(0.01)
+            assert await asyncio.to_thread(shut_channels, rt.shards[1]) == 1
+            await asyncio.gather(*streams)
+            return got
+
+        for g, w in zip(asyncio.run(run()), want, strict=True):
+            assert_same(g, w)
+        stats = ray.get(rt.dispatcher.stats.remote())
+        assert [s for s, kind, _ in stats["shard_faults"] if kind == "died"] == [1], stats["shard_faults"]
+        assert stats["channels"] == [1, 1] and stats["channels_opened"] == 3
     finally:
         rt.shutdown()
 

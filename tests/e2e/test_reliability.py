@@ -132,6 +132,7 @@ class Stream:
 
     seen: int = 0  # data lines so far
     events: list[Any] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # when each data line arrived
     status: int | None = None
     ended_at: float | None = None
 
@@ -147,6 +148,10 @@ class Stream:
     def errors(self) -> list[dict[str, Any]]:
         return [e["error"] for e in self.events if isinstance(e, dict) and "error" in e]
 
+    def longest_pause(self) -> float:
+        """The longest time between two consecutive data lines."""
+        return max((b - a for a, b in zip(self.times, self.times[1:], strict=False)), default=0.0)
+
 
 async def consume(http: httpx.AsyncClient, url: str, body: dict[str, Any], out: Stream) -> None:
     async with http.stream("POST", f"{url}/completions", json={**body, "stream": True}) as r:
@@ -154,14 +159,15 @@ async def consume(http: httpx.AsyncClient, url: str, body: dict[str, Any], out: 
         async for line in r.aiter_lines():
             if line.startswith("data: "):
                 out.events.extend(sse_payloads([line]))
+                out.times.append(time.monotonic())
                 out.seen += 1
     out.ended_at = time.monotonic()
 
 
-async def with_streams(url: str, bodies: list[dict[str, Any]], victim: int,
-                       min_events: int = 2) -> tuple[list[Stream], float, list[int]]:
-    """Stream every body; once each has `min_events` events, SIGKILL `victim`. Returns the streams, the
-    kill time, and each stream's event count at the kill."""
+async def with_streams(url: str, bodies: list[dict[str, Any]], victim: int, min_events: int = 2,
+                       sig: int = signal.SIGKILL) -> tuple[list[Stream], float, list[int]]:
+    """Stream every body; once each has `min_events` events, send `sig` to `victim`. Returns the streams,
+    the signal's time, and each stream's event count then."""
     streams = [Stream() for _ in bodies]
     async with httpx.AsyncClient(timeout=TIMEOUT_S, limits=httpx.Limits(max_connections=64)) as http:
         tasks = [asyncio.create_task(consume(http, url, b, s)) for b, s in zip(bodies, streams, strict=True)]
@@ -172,7 +178,8 @@ async def with_streams(url: str, bodies: list[dict[str, Any]], victim: int,
                 assert not any(t.done() for t in tasks), "a stream ended before the kill"
                 await asyncio.sleep(0.01)
             at_kill = [s.seen for s in streams]
-            killed_at = kill(victim)
+            killed_at = time.monotonic()
+            os.kill(victim, sig)
             await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT_S)
         finally:
             for t in tasks:
@@ -217,6 +224,107 @@ def test_killed_expert_replica_loses_no_tokens(fault_app: FaultApp, oracle: Orac
     assert connected_s < fault_app.config.shard_timeout_s
     print(f"\nexpert replica killed: streams done {finished_s:.1f} s later, shard running again after "
           f"{back_s:.1f} s more, its new replica connected {connected_s:.1f} s after the kill")
+
+
+# ---- an expert replica hangs mid-generation ---------------------------------------------------------------
+HANG_APP = "moray-hangs"
+HANG_TOKENS = 256
+MAX_PAUSE_S = 5.0  # issue 20: with a healthy sibling replica, no stream waits longer between two tokens
+
+
+@pytest.fixture(scope="module")
+def hang_app(served_app: ServedApp) -> Iterator[FaultApp]:
+    """2 expert shards x 2 replicas, so every shard has a sibling when one replica hangs."""
+    from ray import serve
+
+    from moray.deploy.app import build_app
+
+    config = served_app.config.model_copy(update={
+        "app_name": HANG_APP, "num_shards": 2, "shard_min_replicas": 2, "max_num_seqs": 8,
+        "max_batch_tokens": 128, "max_waiting": 16, "dispatcher_cpus": 0.5, "shard_cpus": 0.25,
+        "resume_timeout_s": 0.0})
+    serve.run(build_app(config), name=HANG_APP, route_prefix=f"/{HANG_APP}")
+    app = FaultApp(f"{served_app.http_url}/{HANG_APP}", HANG_APP, config)
+    wait_healthy(app.url)
+    yield app
+    serve.delete(HANG_APP)
+
+
+def dispatcher_stats(app: FaultApp) -> dict[str, Any]:
+    from ray import serve
+
+    return dict(serve.get_deployment_handle("dispatcher", app.name).stats.remote().result())
+
+
+def wait_channels(app: FaultApp, want: list[int]) -> float:
+    """Seconds until the dispatcher has `want` usable channels per shard (warming it with requests)."""
+    start = time.monotonic()
+    while (stats := dispatcher_stats(app))["channels"] != want:
+        assert time.monotonic() - start < RECOVER_S, f"channels {stats['channels']}, want {want}"
+        httpx.post(f"{app.base_url}/completions", json={"prompt": [1, 2], "max_tokens": 2}, timeout=60)
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def hung_streams(app: FaultApp, oracle: Oracle, victim: int, min_events: int) -> tuple[list[Stream], float]:
+    """8 greedy streams of HANG_TOKENS; SIGSTOP `victim` once each has `min_events` tokens. Every stream
+    must end with the in-process model's tokens and no error event. Returns the streams and the stop's
+    time."""
+    wants = oracle([GenerateRequest(p, greedy(HANG_TOKENS)) for p in PROMPTS])
+    bodies = [{"prompt": p, "max_tokens": HANG_TOKENS, "temperature": 0, "ignore_eos": True,
+               "return_token_ids": True} for p in PROMPTS]
+    streams, stopped_at, at_stop = asyncio.run(with_streams(app.base_url, bodies, victim, min_events,
+                                                            signal.SIGSTOP))
+    assert max(at_stop) < HANG_TOKENS, "the streams had finished before the replica hung"
+    for s, want in zip(streams, wants, strict=True):
+        assert s.status == 200 and not s.errors(), s.errors()
+        assert s.events[-1] == "[DONE]" and s.token_ids() == [e.token_id for e in want]
+    return streams, stopped_at
+
+
+def resume(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass  # Serve replaced it (killed it) already
+
+
+def test_a_hung_expert_replica_costs_a_pause_not_an_error(hang_app: FaultApp, oracle: Oracle) -> None:
+    """SIGSTOP one of shard 0's two replicas while 8 streams are mid-way: its rows go to the sibling at
+    the first missed deadline; every stream keeps its tokens and pauses < MAX_PAUSE_S; after SIGCONT the
+    replica is back in use (or Serve replaced it) and the app is healthy."""
+    wait_channels(hang_app, [2, 2])
+    victim = replica_pids(hang_app.name, "expert-shard-0")[0]
+    try:
+        streams, stopped_at = hung_streams(hang_app, oracle, victim, min_events=HANG_TOKENS // 4)
+        pause = max(s.longest_pause() for s in streams)
+        assert pause < MAX_PAUSE_S
+        faults = {(shard, kind): n for shard, kind, n in dispatcher_stats(hang_app)["shard_faults"]}
+        assert faults.get((0, "hung"), 0) >= 1, faults
+    finally:
+        resume(victim)
+    back_s = wait_channels(hang_app, [2, 2])
+    wait_healthy(hang_app.url)
+    print(f"\nhung replica with a sibling: longest pause {pause:.2f} s, streams done "
+          f"{max(s.ended_at or 0.0 for s in streams) - stopped_at:.1f} s after the stop; both replicas of "
+          f"shard 0 in use {back_s:.1f} s after SIGCONT")
+
+
+def test_a_hung_only_replica_is_replaced_and_streams_finish(fault_app: FaultApp, oracle: Oracle) -> None:
+    """The same with one replica per shard: the streams wait for the replica Serve starts when the hung
+    one fails its health checks, and finish with the same tokens within `shard_timeout_s`."""
+    wait_healthy(fault_app.url)
+    wait_channels(fault_app, [1, 1])
+    (victim,) = replica_pids(fault_app.name, "expert-shard-0")
+    try:
+        streams, stopped_at = hung_streams(fault_app, oracle, victim, min_events=16)
+        pause = max(s.longest_pause() for s in streams)
+        assert pause < fault_app.config.shard_timeout_s
+        back_s = wait_replaced(fault_app.name, "expert-shard-0", victim)
+    finally:
+        resume(victim)
+    print(f"\nhung only replica: longest pause {pause:.1f} s (Serve's health checks, then a new replica); "
+          f"shard 0 healthy again {back_s:.1f} s later")
 
 
 def test_a_shard_with_no_live_replica_fails_fast(fault_app: FaultApp, tiny_dir: Path) -> None:
