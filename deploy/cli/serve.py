@@ -4,8 +4,9 @@ Everything that can fail before Ray starts (config, checkpoint, placement, GPUs,
 checked first and reported as one line (exit code 2). SIGINT and SIGTERM shut Serve and Ray down.
 
 What listens where (`EPILOG`, also `moray serve --help`): the APIs on `--host` only, and in local
-mode the Ray cluster on 127.0.0.1 (`ray_on_loopback`); joining a cluster (`--address`) leaves its
-own settings as they are.
+mode the Ray cluster on 127.0.0.1 (`ray_on_loopback`), recorded for second drivers on this machine
+(`record_local_cluster`, removed at shutdown); joining a cluster (`--address`) leaves its own
+settings as they are.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from typing import Any
 from moray.deploy.app import model_dir, placement, run_app
 from moray.deploy.cli.common import fail, one_line
 from moray.deploy.serve.config import ConfigError, ServerConfig
-from moray.deploy.serve.network import PortInUseError, check_port, join_address, ray_on_loopback
+from moray.deploy.serve.network import (
+    PortInUseError,
+    check_port,
+    forget_local_cluster,
+    join_address,
+    ray_on_loopback,
+    record_local_cluster,
+)
 from moray.model.config import MixtralConfig
 from moray.model.tokenizer import Tokenizer
 
@@ -159,8 +167,10 @@ def _start_ray(args: argparse.Namespace, config: ServerConfig, num_shards: int) 
     ray_on_loopback()
     context = ray.init(address="local", num_cpus=local_cpus(config, num_shards), log_to_driver=args.verbose,
                        namespace="serve", ignore_reinit_error=True)
+    gcs_address = ray.get_runtime_context().gcs_address
+    record_local_cluster(gcs_address, getattr(context, "address_info", {}).get("session_dir") or "")
     dashboard = context.dashboard_url or "off"
-    return f"Ray {ray.get_runtime_context().gcs_address} (local, loopback; dashboard {dashboard})"
+    return f"Ray {gcs_address} (local, loopback; dashboard {dashboard})"
 
 
 def _stop_event() -> threading.Event:
@@ -188,4 +198,6 @@ def _shutdown(config: Any, joined: bool) -> None:
             serve.shutdown()
     except Exception as e:  # noqa: BLE001 - shutting down what may be half started
         log.warning("serve shutdown: %s", one_line(e))
+    if not joined:
+        forget_local_cluster()
     ray.shutdown()

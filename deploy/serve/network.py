@@ -1,18 +1,30 @@
 """Ports and addresses: free ports, port checks before anything starts, loopback, and Ray on loopback.
 
 `moray serve` listens only where it is told: HTTP and gRPC on `ServerConfig.host` (127.0.0.1 by
-default), and in local mode the Ray cluster it starts on 127.0.0.1 as well (`ray_on_loopback`).
+default), and in local mode the Ray cluster it starts on 127.0.0.1 as well (`ray_on_loopback`), which
+it records for second drivers (`record_local_cluster`): `join_address` reads that record, and what
+Ray's "auto" would find, to run a second driver's Ray on loopback too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
+import logging
 import os
 import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # Ray's switch for single-machine clusters (what it uses on macOS and Windows): with clusters off, the
 # node address is 127.0.0.1 and every Ray listener binds it. Read at import into `ray_constants`.
 RAY_CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Where a local `moray serve` records its Ray: beside Ray's own `ray_current_cluster`, which Ray writes
+# for `ray start` clusters only (a `ray.init()` cluster is found by scanning for its GCS process).
+LOCAL_CLUSTER_FILE = "moray_current_cluster.json"
 
 
 class PortInUseError(OSError):
@@ -71,16 +83,107 @@ def ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def join_address(address: str | None) -> str:
-    """The Ray address a driver joins: `address`, else $RAY_ADDRESS, else "auto" (the cluster this
-    machine started last); when that cluster is on loopback, this process switches to loopback too."""
-    address = address or os.environ.get("RAY_ADDRESS") or "auto"
-    target = address
-    if target == "auto":
-        from ray._private.utils import read_ray_address
+@dataclass(frozen=True)
+class LocalCluster:
+    """Where the Ray cluster a local `moray serve` started listens, as it records it for second drivers."""
 
-        target = read_ray_address() or ""
-    host = target.removeprefix("ray://").rpartition(":")[0]
-    if host and is_loopback(host):
+    gcs_address: str  # host:port
+    loopback: bool  # its listeners bind 127.0.0.1 only: a driver joining it must run Ray on loopback too
+    pid: int  # the `moray serve` process (only it removes the record)
+    session_dir: str = ""  # Ray's session directory (logs)
+
+
+def local_cluster_file() -> Path:
+    """The record's path: in Ray's temp directory ($RAY_TMPDIR, else $TMPDIR, else /tmp, then `ray/`)."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    return Path(get_default_ray_temp_dir()) / LOCAL_CLUSTER_FILE
+
+
+def record_local_cluster(gcs_address: str, session_dir: str = "") -> Path:
+    """Record (atomically, replacing another server's record) this process's local Ray at `gcs_address`."""
+    host = gcs_address.rpartition(":")[0]
+    record = LocalCluster(gcs_address, is_loopback(host), os.getpid(), session_dir)
+    path = local_cluster_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(asdict(record)) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def forget_local_cluster() -> None:
+    """Remove the record if this process wrote it (a server started later keeps its own)."""
+    path = local_cluster_file()
+    record = _load_record(path)
+    if record is not None and record.pid == os.getpid():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def read_local_cluster() -> LocalCluster | None:
+    """The recorded local cluster, if there is a record and its GCS port accepts connections (a server
+    killed before it could remove its record leaves a stale one)."""
+    record = _load_record(local_cluster_file())
+    if record is None:
+        return None
+    host, _, port = record.gcs_address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
+            return record
+    except (OSError, ValueError):
+        log.debug("ignoring the stale record of a local Ray at %s", record.gcs_address)
+        return None
+
+
+def _load_record(path: Path) -> LocalCluster | None:
+    try:
+        body = json.loads(path.read_text())
+        return LocalCluster(str(body["gcs_address"]), bool(body["loopback"]), int(body["pid"]),
+                            str(body.get("session_dir", "")))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring an unreadable record of a local Ray at %s: %s", path, e)
+        return None
+
+
+def ray_auto_address() -> str:
+    """The GCS address Ray's "auto" dials, as Ray finds it before it swaps a loopback host for this
+    machine's network address: the cluster in its address file (`ray start`), or a GCS process it sees
+    (a `ray.init()` cluster; any one of them when it sees several). "": none found."""
+    from ray._private.services import get_ray_address_from_environment
+
+    try:
+        return get_ray_address_from_environment("auto", None) or ""
+    except ConnectionError:
+        return ""
+
+
+def join_address(address: str | None) -> str:
+    """The Ray address a driver joins: `address`, else $RAY_ADDRESS, else "auto": the cluster a local
+    `moray serve` recorded (`read_local_cluster`; its address, with token auth as "auto" would have
+    it), else Ray's own "auto" (`ray_auto_address`). When that cluster is on loopback, this process
+    switches to loopback too, so that Ray dials 127.0.0.1 rather than this machine's network address."""
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    record = read_local_cluster() if address == "auto" else None
+    if record is not None:
+        address, loopback = record.gcs_address, record.loopback
+        _token_auth_as_auto()
+    else:
+        target = ray_auto_address() if address == "auto" else address
+        host = target.removeprefix("ray://").rpartition(":")[0]
+        loopback = bool(host) and is_loopback(host)
+    if loopback:
         ray_on_loopback()
     return address
+
+
+def _token_auth_as_auto() -> None:
+    """What `ray.init(address="auto")` does about token auth (an explicit address does nothing): turn it
+    on when $RAY_AUTH_MODE is unset and a token exists (`~/.ray/auth_token`, made by the server)."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -65,11 +67,11 @@ def alive(proc: tuple[int, float]) -> bool:
 class Server:
     """`moray serve ...` in its own session, its output collected, its process tree tracked."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.mark = os.urandom(8).hex()
         self.proc = subprocess.Popen([*moray_command(), "serve", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=clean_env(self.mark),
-                                     start_new_session=True)
+                                     stderr=subprocess.STDOUT, text=True,
+                                     env={**clean_env(self.mark), **(env or {})}, start_new_session=True)
         self.lines: list[str] = []
         self.tree: set[tuple[int, float]] = set()  # (pid, create time) of every child seen
         threading.Thread(target=self._read, daemon=True).start()
@@ -287,9 +289,9 @@ def moray_warnings(server: Server) -> list[str]:
     return [line for line in server.lines if line.startswith("moray: warning")]
 
 
-def started(args: list[str], port: int, host: str = "127.0.0.1") -> Server:
+def started(args: list[str], port: int, host: str = "127.0.0.1", env: dict[str, str] | None = None) -> Server:
     """`moray serve --port PORT ARGS`, healthy and past its ready line."""
-    server = Server(["--port", str(port), "--num-shards", "2", *args])
+    server = Server(["--port", str(port), "--num-shards", "2", *args], env)
     server.wait_ready(f"http://{host}:{port}/health")
     deadline = time.monotonic() + 30
     while not any("ready:" in line for line in server.lines):
@@ -343,3 +345,68 @@ def test_exposed_without_a_key_warns_once() -> None:
         assert len(warnings) == 1 and "0.0.0.0" in warnings[0] and "API key" in warnings[0], server.lines
     finally:
         server.kill()
+
+
+# ---- second drivers --------------------------------------------------------------------------------------
+ANSWER_S = 10.0  # joining and answering, imports excluded; Ray dialling the wrong address hangs for minutes
+DRIVER = """
+import sys, time
+import ray, ray.serve  # loaded first: the clock times joining the cluster and answering
+import moray
+from moray.deploy.cli import main
+
+start = time.monotonic()
+if sys.argv[1] == "connect":
+    print(moray.connect("auto").generate("Hello", max_tokens=2, temperature=0).token_ids)
+    rc = 0
+else:
+    rc = main(sys.argv[1:])
+sys.stderr.write(f"\\nanswered in {time.monotonic() - start:.3f} s\\n")
+sys.exit(rc)
+"""
+
+
+def routable_env(tmp: Path) -> dict[str, str]:
+    """The drivers' environment: Ray's node-address lookup gives a network address, as on any machine
+    with one (issue 20); where this one has none, a sitecustomize makes the lookup return 192.0.2.2."""
+    from ray._private.services import node_ip_address_from_perspective
+
+    if not is_loopback_ip(node_ip_address_from_perspective(None)):
+        return {}
+    (tmp / "sitecustomize.py").write_text("import ray._private.services as s\n"
+                                          "s.node_ip_address_from_perspective = lambda a=None: '192.0.2.2'\n")
+    return {"PYTHONPATH": str(tmp)}
+
+
+def drive(command: list[str], env: dict[str, str]) -> float:
+    """Run `command` (moray CLI arguments, or ["connect"]) as a second driver; seconds to its answer."""
+    out = subprocess.run([sys.executable, "-c", DRIVER, *command], capture_output=True, text=True,
+                         timeout=120, env={**clean_env(), **env})
+    assert out.returncode == 0, f"{command}: {out.stdout[-2000:]}{out.stderr[-2000:]}"
+    return float(out.stderr.rsplit("answered in ", 1)[1].split()[0])
+
+
+def test_second_drivers_join_a_loopback_cluster_on_a_routable_machine() -> None:
+    """`moray status`, `moray rebalance --dry-run` and `moray.connect("auto")` answer at once: they join
+    the Ray `moray serve` started on 127.0.0.1 over loopback, where Ray would swap 127.0.0.1 for this
+    machine's network address and dial that for minutes. The server records its Ray and removes the
+    record when it stops. Ray's temp dir (where the record is) is this test's own."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="moray-"))  # short: Ray's socket paths live under it
+    env = {"RAY_TMPDIR": str(ray_tmp)}
+    drivers = {**env, **routable_env(ray_tmp)}
+    port = free_port()
+    server = started([], port, env=env)
+    try:
+        record = json.loads((ray_tmp / "ray" / "moray_current_cluster.json").read_text())
+        assert record["loopback"] and record["pid"] == server.proc.pid, record
+        took = {name: drive(command, drivers) for name, command in
+                {"status": ["status", "--json"], "rebalance": ["rebalance", "--dry-run"],
+                 "connect": ["connect"]}.items()}
+        print(f"\nsecond drivers answered in {took} s")
+        assert all(t < ANSWER_S for t in took.values()), took
+        os.kill(server.proc.pid, signal.SIGINT)
+        assert server.proc.wait(timeout=EXIT_S) == 0, "\n".join(server.lines[-30:])
+        assert not (ray_tmp / "ray" / "moray_current_cluster.json").exists()
+    finally:
+        server.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
