@@ -21,15 +21,15 @@ from typing import Any
 import torch
 
 from moray.actors.board import PlacementBoard
-from moray.actors.channel import ChannelSpec
-from moray.actors.dataplane import DataPlane, Transport
-from moray.actors.directory import Directory
+from moray.actors.dataplane.channel import ChannelSpec
+from moray.actors.dataplane.directory import Directory
+from moray.actors.dataplane.table import DataPlane, Transport
 from moray.actors.experts import resolve_dtype
 from moray.actors.faults import DispatcherUnavailableError, fault_kind
 from moray.actors.logs import setup_actor_logging
 from moray.actors.placement import Placement
 from moray.actors.replacement import DispatcherFollower
-from moray.actors.transport import HandleLinks, Links, ShardedExperts
+from moray.actors.sharded import HandleLinks, Links, ShardedExperts
 from moray.model.config import MixtralConfig
 from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, TokenEvent
 from moray.model.mixtral import Mixtral

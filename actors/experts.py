@@ -3,11 +3,11 @@
 A plain class, so the same object runs as a Ray actor (`actors/runtime.py`) and inside a Serve
 deployment (`deploy/serve/deployments.py`). It never reads attention weights nor other shards' experts.
 
-Given a data-plane `group`, it opens a `ShardEndpoint` (`actors/endpoint.py`) and announces it in the
-`Directory`, again every few seconds (`Heartbeat`); dispatchers then send its rows over shared memory or
-TCP instead of calling `serve` through Ray. `close()` (Serve calls `__del__` when it stops a replica)
-retracts the announcement and drains the channels first. `check_health()` (Serve's health check) fails
-while an expert call has been computing for longer than `HUNG_CALL_S`.
+Given a data-plane `group`, it opens a `ShardEndpoint` (`actors/dataplane/endpoint.py`) and announces it
+in the `Directory`, again every few seconds (`Heartbeat`); dispatchers then send its rows over shared
+memory or TCP instead of calling `serve` through Ray. `close()` (Serve calls `__del__` when it stops a
+replica) retracts the announcement and drains the channels first. `check_health()` (Serve's health check)
+fails while an expert call has been computing for longer than `HUNG_CALL_S`.
 
 Given a placement `board` (`actors/board.py`), the experts it holds follow the board while it serves
 (`ShardFollower`, `actors/replacement.py`): `hold()` loads only the experts gained, from the checkpoint.
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from moray.actors.board import PlacementBoard
-from moray.actors.directory import Directory, Heartbeat
-from moray.actors.endpoint import ShardEndpoint
-from moray.actors.frames import Limits
+from moray.actors.dataplane.directory import Directory, Heartbeat
+from moray.actors.dataplane.endpoint import ShardEndpoint
+from moray.actors.dataplane.frames import Limits
 from moray.actors.logs import setup_actor_logging
 from moray.actors.replacement import ShardFollower
 from moray.model.config import MixtralConfig

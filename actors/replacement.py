@@ -29,7 +29,7 @@ from moray.actors.board import HEARTBEAT_S, PlacementBoard, routing_placement, s
 
 if TYPE_CHECKING:
     from moray.actors.placement import Placement
-    from moray.actors.transport import ShardedExperts
+    from moray.actors.sharded import ShardedExperts
 
 log = logging.getLogger(__name__)
 

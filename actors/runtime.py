@@ -21,8 +21,8 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moray.actors.board import PlacementBoard
-from moray.actors.dataplane import Transport
-from moray.actors.directory import Directory
+from moray.actors.dataplane.directory import Directory
+from moray.actors.dataplane.table import Transport
 from moray.actors.dispatcher import Dispatcher
 from moray.actors.experts import ExpertShard
 from moray.actors.placement import Placement

@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
-from moray.actors.channel import ChannelSpec
-from moray.actors.dataplane import DataPlane
-from moray.actors.directory import Directory, Heartbeat
-from moray.actors.endpoint import ShardEndpoint
-from moray.actors.frames import Limits
+from moray.actors.dataplane.channel import ChannelSpec
+from moray.actors.dataplane.directory import Directory, Heartbeat
+from moray.actors.dataplane.endpoint import ShardEndpoint
+from moray.actors.dataplane.frames import Limits
+from moray.actors.dataplane.table import DataPlane
 from moray.actors.placement import Placement
-from moray.actors.transport import HandleLinks, Links, ShardedExperts
+from moray.actors.sharded import HandleLinks, Links, ShardedExperts
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import torch
 
 from moray.actors.dispatcher import Dispatcher
 from moray.actors.experts import ExpertShard
-from moray.actors.transport import HandleLinks
+from moray.actors.sharded import HandleLinks
 from moray.deploy.serve import metrics, state
 from moray.deploy.serve.autoscaling import TokenWindow
 from moray.deploy.serve.rebalancer import AppRebalancer, RebalancePolicy

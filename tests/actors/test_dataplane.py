@@ -19,10 +19,9 @@ from typing import Any
 import pytest
 import torch
 
-from moray.actors.channel import Channel, ChannelSpec, Endpoint, PeerGoneError, open_channel
-from moray.actors.endpoint import TOKEN_BYTES, ShardEndpoint, recv_exact
-from moray.actors.experts import ExpertShard
-from moray.actors.frames import (
+from moray.actors.dataplane.channel import Channel, ChannelSpec, Endpoint, PeerGoneError, open_channel
+from moray.actors.dataplane.endpoint import TOKEN_BYTES, ShardEndpoint, recv_exact
+from moray.actors.dataplane.frames import (
     HEADER_BYTES,
     FrameBuffer,
     FrameError,
@@ -32,6 +31,7 @@ from moray.actors.frames import (
     RemoteError,
     capacity,
 )
+from moray.actors.experts import ExpertShard
 from moray.model.config import MixtralConfig
 
 D = 64
@@ -280,8 +280,8 @@ def test_bad_frames_on_a_live_channel(shard: ExpertShard, endpoint: tuple[ShardE
 
 SERVER = """
 import json, sys, time, torch
-from moray.actors.endpoint import ShardEndpoint
-from moray.actors.frames import Limits
+from moray.actors.dataplane.endpoint import ShardEndpoint
+from moray.actors.dataplane.frames import Limits
 def slow(layer, x, ids, gates, tags):
     time.sleep(60)
     return x

@@ -27,16 +27,23 @@ from typing import Any
 import pytest
 import torch
 
-import moray.actors.dataplane as dataplane_module
-import moray.actors.endpoint as endpoint_module
-from moray.actors.channel import Channel, ChannelSpec, Endpoint, PeerGoneError, SharedChannel, open_channel
-from moray.actors.dataplane import DataPlane
-from moray.actors.directory import Directory, Heartbeat
-from moray.actors.endpoint import TOKEN_BYTES, ShardEndpoint, recv_exact
+import moray.actors.dataplane.endpoint as endpoint_module
+import moray.actors.dataplane.table as dataplane_module
+from moray.actors.dataplane.channel import (
+    Channel,
+    ChannelSpec,
+    Endpoint,
+    PeerGoneError,
+    SharedChannel,
+    open_channel,
+)
+from moray.actors.dataplane.directory import Directory, Heartbeat
+from moray.actors.dataplane.endpoint import TOKEN_BYTES, ShardEndpoint, recv_exact
+from moray.actors.dataplane.frames import HEADER_BYTES, FrameBuffer, Header, Kind, Limits, RemoteError
+from moray.actors.dataplane.table import DataPlane
 from moray.actors.experts import ExpertShard
-from moray.actors.frames import HEADER_BYTES, FrameBuffer, Header, Kind, Limits, RemoteError
 from moray.actors.placement import Placement
-from moray.actors.transport import ShardedExperts, ShardUnavailableError
+from moray.actors.sharded import ShardedExperts, ShardUnavailableError
 
 HUNG_S = 1.0  # the tests' floor for "hung" (the product's default is HUNG_AFTER_S)
 WAIT_S = 30.0  # the most any condition here is waited for
@@ -219,8 +226,8 @@ def test_a_hung_replica_costs_one_deadline_then_is_left_out_until_it_answers_a_p
 
 SERVER = """
 import json, sys, time, torch
-from moray.actors.endpoint import ShardEndpoint
-from moray.actors.frames import Limits
+from moray.actors.dataplane.endpoint import ShardEndpoint
+from moray.actors.dataplane.frames import Limits
 ep = ShardEndpoint(lambda layer, x, ids, gates, tags: x, Limits(0, 64, torch.float32, 4))
 print(json.dumps(ep.address()), flush=True)
 time.sleep(600)

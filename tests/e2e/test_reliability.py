@@ -334,7 +334,7 @@ def test_a_shard_with_no_live_replica_fails_fast(fault_app: FaultApp, tiny_dir: 
     from ray import serve
 
     from moray.actors.placement import Placement
-    from moray.actors.transport import HandleLinks, ShardedExperts, ShardUnavailableError
+    from moray.actors.sharded import HandleLinks, ShardedExperts, ShardUnavailableError
     from moray.model.config import MixtralConfig
     from moray.model.mixtral import load_local
 

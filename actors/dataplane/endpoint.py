@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moray.actors.frames import (
+from moray.actors.dataplane.frames import (
     CODE_DTYPES,
     HEADER_BYTES,
     FrameBuffer,

@@ -1,5 +1,5 @@
 """The dispatcher's table of data-plane channels, one per live shard replica, kept in step with the
-directory (`actors/directory.py`) by a discovery task on the engine's event loop.
+directory (`actors/dataplane/directory.py`) by a discovery task on the engine's event loop.
 
 - New replicas: every `DISCOVER_S` the task lists the announced endpoints and opens a channel to each
   live one (its heartbeat moves) it has none to, all at once, each within `CONNECT_TIMEOUT_S`: shared
@@ -28,9 +28,9 @@ from typing import Any, Literal
 
 import torch
 
-from moray.actors.channel import Channel, ChannelSpec, Endpoint, open_channel
-from moray.actors.directory import FORGET_S, STALE_S, Directory
-from moray.actors.frames import RemoteError
+from moray.actors.dataplane.channel import Channel, ChannelSpec, Endpoint, open_channel
+from moray.actors.dataplane.directory import FORGET_S, STALE_S, Directory
+from moray.actors.dataplane.frames import RemoteError
 
 log = logging.getLogger(__name__)
 

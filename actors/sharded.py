@@ -6,7 +6,7 @@ token once per shard, in the model dtype) split over the shard's live replicas, 
 concurrently and adds the partial outputs back (`index_add_`). Where the rows travel is a table of
 links per shard:
 
-- `DataPlane` (`actors/dataplane.py`, transport "auto" or "socket", the default): a channel per
+- `DataPlane` (`actors/dataplane/table.py`, transport "auto" or "socket", the default): a channel per
   shard replica, shared memory on the same node and TCP across nodes; Ray is only the control
   plane (endpoints announced in the GCS, replicas started and stopped by Ray or Serve).
 - `HandleLinks` (transport "ray"): one Ray actor or Serve `DeploymentHandle` call per shard per
@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from moray.actors.channel import add_rows
+from moray.actors.dataplane.channel import add_rows
 from moray.actors.faults import FaultKind, PeerGoneError, ShardUnavailableError, busy, fault_kind
 from moray.actors.placement import Placement, split_among_replicas
 from moray.model.engine import STEP_REQUESTS
@@ -250,7 +250,7 @@ class ShardedExperts:
         while True:
             if link is None or attempt:
                 link = await self.links.pick(shard, deadline, attempt)
-            if link is None:
+            if link is None or (attempt and time.perf_counter() >= deadline):
                 raise ShardUnavailableError(
                     f"no replica of expert shard {shard} answered within {self.shard_timeout_s:g} s")
             patience = max(self.hung_after_s, HUNG_FACTOR * link.expected_s(ids.shape[0]))
