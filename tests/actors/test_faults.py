@@ -194,7 +194,8 @@ async def closing(plane: DataPlane) -> AsyncIterator[DataPlane]:
 # ---- a hung replica -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("transport", ["auto", "socket"], ids=["shm", "tcp"])
 def test_a_hung_replica_costs_one_deadline_then_is_left_out_until_it_answers_a_probe(
-        shards: list[ExpertShard], transport: str) -> None:
+        shards: list[ExpertShard], transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dataplane_module, "PROBE_TIMEOUT_S", 2 * HUNG_S)
     directory = MemoryDirectory()
     gates = [Gate(s.serve) for s in shards]
     with replicas(shards, directory, gates):

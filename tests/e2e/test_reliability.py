@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,20 +53,27 @@ class FaultApp:
         return f"{self.url}/v1"
 
 
-@pytest.fixture(scope="module")
-def fault_app(served_app: ServedApp) -> Iterator[FaultApp]:
+@contextmanager
+def side_app(served_app: ServedApp, name: str, **settings: Any) -> Iterator[FaultApp]:
+    """A small app of 2 shards (8 sequences, 128 tokens a step) beside `served_app`, on its proxies."""
     from ray import serve
 
     from moray.deploy.app import build_app
 
     config = served_app.config.model_copy(update={
-        "app_name": FAULT_APP, "num_shards": 2, "max_num_seqs": 8, "max_batch_tokens": 128, "max_waiting": 16,
-        "dispatcher_cpus": 0.5, "shard_cpus": 0.25, "resume_timeout_s": 0.0})  # resuming: moray-resume
-    serve.run(build_app(config), name=FAULT_APP, route_prefix=f"/{FAULT_APP}")
-    app = FaultApp(f"{served_app.http_url}/{FAULT_APP}", FAULT_APP, config)
+        "app_name": name, "num_shards": 2, "max_num_seqs": 8, "max_batch_tokens": 128, "max_waiting": 16,
+        "dispatcher_cpus": 0.5, "shard_cpus": 0.25, **settings})
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    app = FaultApp(f"{served_app.http_url}/{name}", name, config)
     wait_healthy(app.url)
     yield app
-    serve.delete(FAULT_APP)
+    serve.delete(name)
+
+
+@pytest.fixture(scope="module")
+def fault_app(served_app: ServedApp) -> Iterator[FaultApp]:
+    with side_app(served_app, FAULT_APP, resume_timeout_s=0.0) as app:  # resuming: moray-resume
+        yield app
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
@@ -235,19 +243,8 @@ MAX_PAUSE_S = 5.0  # issue 20: with a healthy sibling replica, no stream waits l
 @pytest.fixture(scope="module")
 def hang_app(served_app: ServedApp) -> Iterator[FaultApp]:
     """2 expert shards x 2 replicas, so every shard has a sibling when one replica hangs."""
-    from ray import serve
-
-    from moray.deploy.app import build_app
-
-    config = served_app.config.model_copy(update={
-        "app_name": HANG_APP, "num_shards": 2, "shard_min_replicas": 2, "max_num_seqs": 8,
-        "max_batch_tokens": 128, "max_waiting": 16, "dispatcher_cpus": 0.5, "shard_cpus": 0.25,
-        "resume_timeout_s": 0.0})
-    serve.run(build_app(config), name=HANG_APP, route_prefix=f"/{HANG_APP}")
-    app = FaultApp(f"{served_app.http_url}/{HANG_APP}", HANG_APP, config)
-    wait_healthy(app.url)
-    yield app
-    serve.delete(HANG_APP)
+    with side_app(served_app, HANG_APP, shard_min_replicas=2, resume_timeout_s=0.0) as app:
+        yield app
 
 
 def dispatcher_stats(app: FaultApp) -> dict[str, Any]:
@@ -415,19 +412,8 @@ RESUME_TOKENS = 150
 @pytest.fixture(scope="module")
 def resume_app(served_app: ServedApp) -> Iterator[FaultApp]:
     """Deterministic numerics (so seeded sampling continues exactly), resuming on (the default)."""
-    from ray import serve
-
-    from moray.deploy.app import build_app
-
-    config = served_app.config.model_copy(update={
-        "app_name": RESUME_APP, "num_shards": 2, "max_num_seqs": 8, "max_batch_tokens": 128,
-        "max_waiting": 16, "dispatcher_cpus": 0.5, "shard_cpus": 0.25, "deterministic": True,
-        "resume_timeout_s": 90.0})
-    serve.run(build_app(config), name=RESUME_APP, route_prefix=f"/{RESUME_APP}")
-    app = FaultApp(f"{served_app.http_url}/{RESUME_APP}", RESUME_APP, config)
-    wait_healthy(app.url)
-    yield app
-    serve.delete(RESUME_APP)
+    with side_app(served_app, RESUME_APP, deterministic=True, resume_timeout_s=90.0) as app:
+        yield app
 
 
 def resume_bodies() -> list[dict[str, Any]]:
