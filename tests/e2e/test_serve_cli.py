@@ -300,27 +300,6 @@ def started(args: list[str], port: int, host: str = "127.0.0.1", env: dict[str, 
     return server
 
 
-def test_default_flags_listen_on_loopback_only() -> None:
-    """No gRPC unless asked for; HTTP and the local Ray on 127.0.0.1; no warning. The one exception
-    Ray 2.60 leaves: each Serve replica's inter-deployment gRPC server binds `[::]:0` (hard-coded in
-    `ray/serve/_private/replica.py`), guarded by Ray's token authentication."""
-    port = free_port()
-    server = started([], port)
-    try:
-        found = listeners(server.proc.pid)
-        exposed = {(ip, p, name) for ip, p, name in found if not is_loopback_ip(ip)}
-        print(f"\nmoray serve, default flags: {len(found)} listening sockets, {len(exposed)} beyond "
-              f"loopback: {sorted(name for *_, name in exposed)}")
-        assert all(name.startswith("ray::ServeReplica:") for *_, name in exposed), exposed
-        assert {p for _, p, _ in found} >= {port} and port not in {p for _, p, _ in exposed}
-        assert 9000 not in {p for _, p, _ in found}  # no gRPC
-        ready = next(line for line in server.lines if "ready:" in line)
-        assert f"http://127.0.0.1:{port}/v1" in ready and "gRPC off" in ready and "loopback" in ready
-        assert not moray_warnings(server)
-    finally:
-        server.kill()
-
-
 def test_exposed_with_a_key_answers_elsewhere_and_refuses_without() -> None:
     ip, port, grpc_port, key = machine_ip(), free_port(), free_port(), "k-" + os.urandom(8).hex()
     server = started(["--host", "0.0.0.0", "--grpc-port", str(grpc_port), "--api-key", key], port, ip)
@@ -386,17 +365,35 @@ def drive(command: list[str], env: dict[str, str]) -> float:
     return float(out.stderr.rsplit("answered in ", 1)[1].split()[0])
 
 
-def test_second_drivers_join_a_loopback_cluster_on_a_routable_machine() -> None:
-    """`moray status`, `moray rebalance --dry-run` and `moray.connect("auto")` answer at once: they join
-    the Ray `moray serve` started on 127.0.0.1 over loopback, where Ray would swap 127.0.0.1 for this
-    machine's network address and dial that for minutes. The server records its Ray and removes the
-    record when it stops. Ray's temp dir (where the record is) is this test's own."""
+def assert_loopback_only(server: Server, port: int) -> None:
+    """No gRPC unless asked for; HTTP and the local Ray on 127.0.0.1; no warning. The one exception
+    Ray 2.60 leaves: each Serve replica's inter-deployment gRPC server binds `[::]:0` (hard-coded in
+    `ray/serve/_private/replica.py`), guarded by Ray's token authentication."""
+    found = listeners(server.proc.pid)
+    exposed = {(ip, p, name) for ip, p, name in found if not is_loopback_ip(ip)}
+    print(f"\nmoray serve, default flags: {len(found)} listening sockets, {len(exposed)} beyond "
+          f"loopback: {sorted(name for *_, name in exposed)}")
+    assert all(name.startswith("ray::ServeReplica:") for *_, name in exposed), exposed
+    assert {p for _, p, _ in found} >= {port} and port not in {p for _, p, _ in exposed}
+    assert 9000 not in {p for _, p, _ in found}  # no gRPC
+    ready = next(line for line in server.lines if "ready:" in line)
+    assert f"http://127.0.0.1:{port}/v1" in ready and "gRPC off" in ready and "loopback" in ready
+    assert not moray_warnings(server)
+
+
+def test_default_flags_listen_on_loopback_only_and_second_drivers_join() -> None:
+    """Default flags listen on loopback only (`assert_loopback_only`). `moray status`, `moray rebalance
+    --dry-run` and `moray.connect("auto")` answer at once: they join the Ray `moray serve` started on
+    127.0.0.1 over loopback, where Ray would swap 127.0.0.1 for this machine's network address and dial
+    that for minutes. The server records its Ray and removes the record when it stops. Ray's temp dir
+    (where the record is) is this test's own."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="moray-"))  # short: Ray's socket paths live under it
     env = {"RAY_TMPDIR": str(ray_tmp)}
     drivers = {**env, **routable_env(ray_tmp)}
     port = free_port()
     server = started([], port, env=env)
     try:
+        assert_loopback_only(server, port)
         record = json.loads((ray_tmp / "ray" / "moray_current_cluster.json").read_text())
         assert record["loopback"] and record["pid"] == server.proc.pid, record
         took = {name: drive(command, drivers) for name, command in
