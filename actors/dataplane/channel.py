@@ -287,10 +287,11 @@ class Channel:
     def _readable(self) -> None:
         raise NotImplementedError
 
-    def _unwatch(self) -> None:
+    def _unwatch(self, fd: int | None = None) -> None:
+        """Stop watching `fd` (the socket when None) on the event loop, if it still runs."""
         if self._loop is not None and not self._loop.is_closed():
             try:
-                self._loop.remove_reader(self.sock.fileno())
+                self._loop.remove_reader(self.sock.fileno() if fd is None else fd)
             except (ValueError, OSError):
                 pass
 
@@ -401,7 +402,7 @@ class SharedChannel(Channel):
         except BlockingIOError:
             return
         except OSError as e:
-            self._unwatch_reply()
+            self._unwatch(self.rep_fd)
             self.fail(f"reply eventfd: {e}", "died")
             return
         self._wake()
@@ -435,17 +436,10 @@ class SharedChannel(Channel):
             self.fail(f"bad control frame from the shard: {why if kind is None else Kind(kind).name}",
                       "refused")
 
-    def _unwatch_reply(self) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            try:
-                self._loop.remove_reader(self.rep_fd)
-            except (ValueError, OSError):
-                pass
-
     def close(self) -> None:
         if self._closed:
             return
-        self._unwatch_reply()
+        self._unwatch(self.rep_fd)
         super().close()
         for fd in (self.req_fd, self.rep_fd):
             os.close(fd)

@@ -90,8 +90,7 @@ class _Session:
     def notify(self, kind: Kind) -> bool:
         """Send a bare `kind` frame without blocking for long: False when it could not go out whole (the
         peer is gone, or its reader stalled with our frames unread)."""
-        buf = bytearray(HEADER_BYTES)
-        FrameBuffer(memoryview(buf)).write_message(kind, 0)
+        buf = FrameBuffer.bare(kind)
         if not self.send_lock.acquire(timeout=NOTIFY_TIMEOUT_S):
             return False
         try:
@@ -269,9 +268,7 @@ class ShardEndpoint:
             self._run_socket(session, limits, cap)
 
     def _welcome(self, session: _Session) -> None:
-        buf = bytearray(HEADER_BYTES)
-        FrameBuffer(memoryview(buf)).write_message(Kind.WELCOME, 0)
-        session.send(buf)
+        session.send(FrameBuffer.bare(Kind.WELCOME))
         session.conn.settimeout(None)  # open: frames come when the dispatcher has rows, however idle
         log.info("data-plane channel open from %s", session.peer)
 

@@ -240,6 +240,13 @@ class FrameBuffer:
         Header(kind, seq, -1, 0, 0, 0, 0, 0, 0, len(data)).pack_into(self.buf)
         return HEADER_BYTES + len(data)
 
+    @staticmethod
+    def bare(kind: Kind) -> bytearray:
+        """A frame of `kind` with no payload (DRAIN, WELCOME)."""
+        buf = bytearray(HEADER_BYTES)
+        FrameBuffer(memoryview(buf)).write_message(kind, 0)
+        return buf
+
     def read_reply(self, expected_seq: int, rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
         """The answer y [rows, dim] to request `expected_seq`; `RemoteError` if the peer's code raised,
         `RefusedError` if it refused the request."""

@@ -4,6 +4,7 @@ what it listens on (psutil over its whole process tree): loopback only unless to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -106,7 +107,8 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         for pid, created in self.tree:
             if alive((pid, created)):
-                psutil.Process(pid).kill()
+                with contextlib.suppress(psutil.NoSuchProcess):  # it may exit between the check and the kill
+                    psutil.Process(pid).kill()
 
 
 def shm_entries() -> set[str]:
