@@ -77,6 +77,12 @@ class Dispatcher:
         async for event in self.engine.generate(request):
             yield event
 
+    async def generate_steps(self, requests: list[GenerateRequest]) -> AsyncIterator[list[TokenEvent]]:
+        """Several requests as one stream, one item per engine step (what the served ingress calls: a
+        request's n choices cost one streamed message a step, not n)."""
+        async for events in self.engine.generate_steps(requests):
+            yield events
+
     async def complete(self, request: GenerateRequest) -> list[TokenEvent]:
         """The whole generation at once (for callers that do not stream)."""
         return [event async for event in self.engine.generate(request)]
