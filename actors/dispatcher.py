@@ -30,6 +30,7 @@ from moray.actors.logs import setup_actor_logging
 from moray.actors.placement import Placement
 from moray.actors.replacement import DispatcherFollower
 from moray.actors.sharded import HandleLinks, Links, ShardedExperts
+from moray.actors.threads import set_threads, thread_report
 from moray.model.config import MixtralConfig
 from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, TokenEvent
 from moray.model.mixtral import Mixtral
@@ -47,7 +48,7 @@ class Dispatcher:
         """With a placement `board`, the placement in force there (and every later one) replaces
         `placement`."""
         setup_actor_logging()
-        torch.set_num_threads(num_threads)
+        set_threads(num_threads)  # 0: all the node's cores
         cfg = MixtralConfig.load(model_dir)
         self.follower = DispatcherFollower(PlacementBoard(board)) if board else None
         version, placement = self.follower.begin(placement) if self.follower else (0, placement)
@@ -89,7 +90,7 @@ class Dispatcher:
 
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), **self.experts.stats(), "param_bytes": self.model.param_bytes(),
-                "param_names": self.model.param_names(), "pid": os.getpid()}
+                "param_names": self.model.param_names(), "pid": os.getpid(), **thread_report()}
 
     def close(self) -> None:
         """Leave the placement board (a coordinator stops waiting for this dispatcher) and close the data

@@ -404,6 +404,19 @@ def test_status_lists_every_deployment(served_app: ServedApp) -> None:
 
 
 # ---- the README's examples run as shown -------------------------------------------------------------------
+def test_replicas_run_with_the_configured_threads_and_passive_omp_waits(served_app: ServedApp) -> None:
+    """The dispatcher and shard processes got OpenMP's passive wait settings in their environment (they
+    must be there before OpenMP loads) and torch's threads from the config."""
+    from ray import serve
+
+    passive = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0"}
+    dispatcher = engine_stats(served_app)
+    shard = serve.get_deployment_handle("expert-shard-1", served_app.app_name).info.remote().result()
+    for process in (dispatcher, shard):
+        assert process["omp_env"] == passive
+        assert process["torch_threads"] == served_app.config.torch_threads
+
+
 def test_readme_curl_examples(readme: Readme) -> None:
     for name in ("curl-completion", "curl-chat-stream"):
         script = readme(name)
