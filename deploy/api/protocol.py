@@ -43,6 +43,28 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = Field(False, description="Send a last chunk with `usage` and no choices.")
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str = Field(description="The schema's name (OpenAI requires one).")
+    description: str | None = None
+    json_schema: dict[str, Any] | bool | None = Field(None, alias="schema", description="The JSON schema.")
+    strict: bool | None = Field(None, description="Always enforced: the output is decoded under the schema.")
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"] = Field(description="`text` = no constraint.")
+    json_schema: JsonSchemaFormat | None = Field(None, description="With type `json_schema`.")
+
+
+class StructuredOutputs(OpenAIBaseModel):
+    """vLLM's `structured_outputs`: one of these constrains the output."""
+
+    json_: dict[str, Any] | str | bool | None = Field(None, alias="json", description="A JSON schema.")
+    regex: str | None = Field(None, description="A regular expression the whole output matches.")
+    choice: list[str] | None = Field(None, description="The output is one of these strings.")
+    grammar: str | None = Field(None, description="An EBNF (GBNF) or Lark grammar.")
+    json_object: bool | None = Field(None, description="Any JSON object.")
+
+
 class SamplingFields(OpenAIBaseModel):
     """Fields completions and chat share."""
 
@@ -60,6 +82,12 @@ class SamplingFields(OpenAIBaseModel):
     stream: bool = Field(False, description="Send Server-Sent Events.")
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = Field(None, description="`json_object` or `json_schema` output.")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's constraints (one kind).")
+    guided_json: dict[str, Any] | str | bool | None = Field(None, description="vLLM: a JSON schema.")
+    guided_regex: str | None = Field(None, description="vLLM: a regular expression.")
+    guided_choice: list[str] | None = Field(None, description="vLLM: one of these strings.")
+    guided_grammar: str | None = Field(None, description="vLLM: an EBNF (GBNF) or Lark grammar.")
 
     @field_validator("stop")
     @classmethod
