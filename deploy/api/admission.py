@@ -36,6 +36,7 @@ from moray.deploy.api.protocol import (
     StructuredOutputs,
     random_id,
 )
+from moray.deploy.api.tools import tool_constraint
 from moray.deploy.serve.config import ServerConfig
 from moray.model.engine import QueueFullError
 from moray.model.sampling import SamplingParams
@@ -118,6 +119,15 @@ def requested_constraint(req: SamplingFields) -> Constraint | None:
     return found[0][1] if found else None
 
 
+def chat_constraint(req: ChatCompletionRequest) -> Constraint | None:
+    """A chat's constraint: `response_format` / vLLM's fields, or the one `tool_choice` implies."""
+    requested, tools = requested_constraint(req), tool_constraint(req)
+    if requested is not None and tools is not None:
+        raise APIError(400, "tool_choice 'required' or a named function cannot be combined with "
+                            "response_format or another structured output", param="tool_choice")
+    return requested or tools
+
+
 def _constraint(kind: str, value: Any) -> Constraint:
     if kind == "json":
         return Constraint.json_schema(value)
@@ -179,7 +189,7 @@ class Admission:
         max_tokens = req.requested_max_tokens() or min(room, self.config.max_tokens_limit)
         self._check_prompts([prompt], max_tokens)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return self._jobs(req, [prompt], max_tokens, logprobs, rid, [""], requested_constraint(req))
+        return self._jobs(req, [prompt], max_tokens, logprobs, rid, [""], chat_constraint(req))
 
     # ---- the checks -------------------------------------------------------------------------------
     def _check_limits(self, req: SamplingFields, max_tokens: int | None) -> None:
@@ -199,9 +209,10 @@ class Admission:
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [m.as_dict() for m in req.messages]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
         try:
-            ids: list[int] = self.tokenizer.encode_chat(messages)
+            ids: list[int] = self.tokenizer.encode_chat(messages, tools)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
         return ids

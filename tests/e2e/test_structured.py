@@ -175,8 +175,12 @@ def test_regex_choice_json_object_and_length(client: openai.OpenAI) -> None:
                                   extra_body={"guided_choice": choices})
     assert all(x.text in choices and x.finish_reason == "stop" for x in c.choices)
     cut = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0,
-                                         response_format={"type": "json_object"})
+                                         response_format=response_format(15))  # needs more than 4 tokens
     assert cut.choices[0].finish_reason == "length"
+    anything = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS,
+                                              temperature=0, response_format={"type": "json_object"})
+    assert anything.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(anything.choices[0].message.content or ""), dict)
     assert (cut.choices[0].message.content or "").startswith("{")
 
 
@@ -252,3 +256,90 @@ def test_grpc_and_python_client_take_the_same_constraints(served_app: ServedApp)
     valid(SCHEMAS[19], streamed)
     chat = python.chat(MESSAGES, max_tokens=MAX_TOKENS, temperature=0, response_format=response_format(4))
     valid(SCHEMAS[4], chat.text)
+
+
+# ---- tool calls -------------------------------------------------------------------------------------
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                      "parameters": SCHEMAS[0]}},
+    {"type": "function", "function": {"name": "add", "description": "Add two small numbers.",
+                                      "parameters": SCHEMAS[8]}},
+    {"type": "function", "function": {"name": "pick_colour", "parameters": {
+        "type": "object", "properties": {"colour": SCHEMAS[3]}, "required": ["colour"],
+        "additionalProperties": False}}},
+]
+TOOL_SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}  # type: ignore[index]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def streamed_calls(chunks: Any) -> tuple[list[dict[str, Any]], str | None]:
+    """OpenAI's stream of `delta.tool_calls` put back together by index."""
+    calls: dict[int, dict[str, Any]] = {}
+    finish = None
+    for c in chunks:
+        for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            call = calls.setdefault(d.index, {"id": None, "name": None, "arguments": ""})
+            call["id"] = d.id or call["id"]
+            call["name"] = (d.function.name if d.function else None) or call["name"]
+            call["arguments"] += (d.function.arguments if d.function else "") or ""
+        if c.choices and c.choices[0].finish_reason:
+            finish = c.choices[0].finish_reason
+    return [calls[i] for i in sorted(calls)], finish
+
+
+def check_call(name: str, arguments: str, call_id: str) -> None:
+    assert name in TOOL_SCHEMAS and re.fullmatch(r"[A-Za-z0-9]{9}", call_id)
+    jsonschema.validate(json.loads(arguments), TOOL_SCHEMAS[name])
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "add"}}],
+                         ids=["required", "named"])
+def test_tool_calls_whole_and_streamed(client: openai.OpenAI, tool_choice: Any) -> None:
+    for seed in range(2):
+        r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=tool_choice,  # type: ignore
+                                           max_tokens=MAX_TOKENS, temperature=1.0, seed=seed)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            check_call(call.function.name, call.function.arguments, call.id)  # type: ignore[union-attr]
+            if isinstance(tool_choice, dict):
+                assert call.function.name == "add"  # type: ignore[union-attr]
+    chunks = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=tool_choice,  # type: ignore
+                                            max_tokens=MAX_TOKENS, temperature=1.0, seed=7, stream=True)
+    calls, finish = streamed_calls(chunks)
+    assert finish == "tool_calls" and calls
+    for call in calls:
+        check_call(call["name"], call["arguments"], call["id"])
+
+
+def test_follow_up_turn_is_tokenized_as_mistral_common_does(served_app: ServedApp,
+                                                            client: openai.OpenAI) -> None:
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    first = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",  # type: ignore
+                                           max_tokens=MAX_TOKENS, temperature=0)
+    calls = first.choices[0].message.tool_calls or []
+    history = [*ASK, {"role": "assistant", "content": None,
+                      "tool_calls": [c.model_dump(include={"id", "type", "function"}) for c in calls]},
+               *({"role": "tool", "tool_call_id": c.id, "name": c.function.name, "content": '{"ok": true}'}  # type: ignore[union-attr]
+                 for c in calls)]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=4,  # type: ignore
+                                       temperature=0, extra_body={"return_token_ids": True})
+    mistral = MistralTokenizer.from_file(str(served_app.model_dir / "tokenizer.model.v3"))
+    expected = mistral.encode_chat_completion(ChatCompletionRequest.from_openai(history, tools=TOOLS)).tokens
+    assert r.choices[0].model_extra["prompt_token_ids"] == expected  # type: ignore[index]
+    assert mistral.instruct_tokenizer.tokenizer.get_control_token("[TOOL_RESULTS]") in expected
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "'nope', which is not"),
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, "cannot be combined"),
+])
+def test_bad_tool_choices_are_400(served_app: ServedApp, body: dict[str, Any], message: str) -> None:
+    r = httpx.post(f"{served_app.base_url}/chat/completions", timeout=TIMEOUT_S,
+                   json={"messages": ASK, "max_tokens": 8, **body})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
