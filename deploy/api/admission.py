@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from moray.deploy.api.errors import APIError
+from moray.deploy.api.outputs import StructuredOutputs
 from moray.deploy.api.protocol import (
     DEFAULT_MAX_TOKENS,
     REQUEST_ID_RE,
@@ -33,7 +34,6 @@ from moray.deploy.api.protocol import (
     Job,
     OpenAIBaseModel,
     SamplingFields,
-    StructuredOutputs,
     random_id,
 )
 from moray.deploy.api.tools import tool_constraint

@@ -16,6 +16,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from moray.deploy.api.outputs import (
+    DeltaToolCall,
+    NamedToolChoice,
+    ResponseFormat,
+    StructuredOutputs,
+    Tool,
+    ToolCall,
+)
+
 if TYPE_CHECKING:
     from moray.model.engine import TokenEvent
     from moray.model.sampling import SamplingParams
@@ -41,28 +50,6 @@ class OpenAIBaseModel(BaseModel):
 # ---- requests -------------------------------------------------------------------------------------
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = Field(False, description="Send a last chunk with `usage` and no choices.")
-
-
-class JsonSchemaFormat(OpenAIBaseModel):
-    name: str = Field(description="The schema's name (OpenAI requires one).")
-    description: str | None = None
-    json_schema: dict[str, Any] | bool | None = Field(None, alias="schema", description="The JSON schema.")
-    strict: bool | None = Field(None, description="Always enforced: the output is decoded under the schema.")
-
-
-class ResponseFormat(OpenAIBaseModel):
-    type: Literal["text", "json_object", "json_schema"] = Field(description="`text` = no constraint.")
-    json_schema: JsonSchemaFormat | None = Field(None, description="With type `json_schema`.")
-
-
-class StructuredOutputs(OpenAIBaseModel):
-    """vLLM's `structured_outputs`: one of these constrains the output."""
-
-    json_: dict[str, Any] | str | bool | None = Field(None, alias="json", description="A JSON schema.")
-    regex: str | None = Field(None, description="A regular expression the whole output matches.")
-    choice: list[str] | None = Field(None, description="The output is one of these strings.")
-    grammar: str | None = Field(None, description="An EBNF (GBNF) or Lark grammar.")
-    json_object: bool | None = Field(None, description="Any JSON object.")
 
 
 class SamplingFields(OpenAIBaseModel):
@@ -133,38 +120,6 @@ class CompletionRequest(SamplingFields):
 class TextPart(OpenAIBaseModel):
     type: Literal["text"]
     text: str
-
-
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str = Field(description="The arguments as a JSON object in a string, as OpenAI sends them.")
-
-
-class ToolCall(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class FunctionDef(OpenAIBaseModel):
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="The function's name.")
-    description: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments.")
-    strict: bool | None = None
-
-
-class Tool(OpenAIBaseModel):
-    type: Literal["function"] = "function"
-    function: FunctionDef
-
-
-class NamedFunction(OpenAIBaseModel):
-    name: str
-
-
-class NamedToolChoice(OpenAIBaseModel):
-    type: Literal["function"] = "function"
-    function: NamedFunction
 
 
 class ChatMessage(OpenAIBaseModel):
@@ -281,21 +236,6 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
-
-
-class DeltaFunction(BaseModel):
-    name: str | None = None
-    arguments: str = ""
-
-
-class DeltaToolCall(BaseModel):
-    """A streamed tool call: the first delta of call `index` has its id and name, the next ones append
-    to its arguments (OpenAI's stream shape)."""
-
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: DeltaFunction
 
 
 class ChatDelta(BaseModel):

@@ -24,15 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from moray.deploy.api.errors import APIError
-from moray.deploy.api.protocol import (
-    ChatCompletionRequest,
-    ChatDelta,
-    DeltaFunction,
-    DeltaToolCall,
-    FunctionCall,
-    NamedToolChoice,
-    ToolCall,
-)
+from moray.deploy.api.outputs import DeltaFunction, DeltaToolCall, FunctionCall, NamedToolChoice, ToolCall
+from moray.deploy.api.protocol import ChatCompletionRequest, ChatDelta
 from moray.model.engine import TokenEvent
 from moray.model.structured import Constraint
 

@@ -164,6 +164,12 @@ def test_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
     assert message.parsed == Reading.model_validate_json(message.content or "")
 
 
+def test_readme_example(readme: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    exec(compile(readme("structured-output"), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert re.fullmatch(r"name='.{0,12}' population=\d+\n", printed, re.S), printed
+
+
 def test_regex_choice_json_object_and_length(client: openai.OpenAI) -> None:
     regex = r"[A-Z]{2}-\d{2,4}"
     for i in range(2):
