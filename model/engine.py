@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections import deque
@@ -26,6 +27,7 @@ from moray.model.kv_cache import BlockPool, KVCache
 from moray.model.layers import StepBatch
 from moray.model.mixtral import ExpertBackend, Mixtral
 from moray.model.sampling import SamplingParams, SamplingTensors, sample, sample_rows
+from moray.model.structured import Constraint, ConstraintError, GrammarMatcher, Grammars, mask_logits
 from moray.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -99,8 +101,10 @@ class StepTimes:
 
 class Sequence:
     def __init__(self, request: GenerateRequest, tokenizer: Tokenizer, seed: int,
-                 queue: asyncio.Queue[TokenEvent | BaseException]) -> None:
+                 queue: asyncio.Queue[TokenEvent | BaseException],
+                 matcher: GrammarMatcher | None = None) -> None:
         self.request = request
+        self.matcher = matcher  # the grammar state of a constrained sequence (structured.py)
         self.params = request.params
         self.tokens = list(request.prompt_ids)
         self.prompt_len = len(self.tokens)
@@ -142,6 +146,8 @@ class AsyncEngine:
         self.times = StepTimes()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._grammars: Grammars | None = None  # made on the first constrained request
+        self._grammars_lock = threading.Lock()
 
     # ---- requests -------------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
@@ -158,9 +164,10 @@ class AsyncEngine:
         the tokens one step gives all of them (n > 1 choices, a batch of prompts) travel together."""
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         seqs: list[Sequence] = []
+        matchers = [await self._matcher(r.params.constraint) for r in requests]  # before anything queues
         try:
-            for request in requests:
-                seqs.append(self._submit(request, queue))
+            for request, matcher in zip(requests, matchers, strict=True):
+                seqs.append(self._submit(request, queue, matcher))
             live = len(seqs)
             while live:
                 items = [await queue.get()]
@@ -178,7 +185,24 @@ class AsyncEngine:
                 if not seq.done:
                     self._finish(seq)
 
-    def _submit(self, request: GenerateRequest, queue: asyncio.Queue[TokenEvent | BaseException]) -> Sequence:
+    async def _matcher(self, constraint: Constraint | None) -> GrammarMatcher | None:
+        """A constrained request's grammar matcher, compiled (or found in the cache) in a thread, before
+        anything is queued: a bad schema or regex is a `RequestError`."""
+        if constraint is None:
+            return None
+        try:
+            return await asyncio.to_thread(lambda: self.grammars().matcher(constraint))
+        except ConstraintError as e:
+            raise RequestError(str(e)) from None
+
+    def grammars(self) -> Grammars:
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.model.cfg.vocab_size)
+            return self._grammars
+
+    def _submit(self, request: GenerateRequest, queue: asyncio.Queue[TokenEvent | BaseException],
+                matcher: GrammarMatcher | None = None) -> Sequence:
         n, p = len(request.prompt_ids), request.params
         if n == 0:
             raise RequestError("the prompt is empty")
@@ -198,7 +222,7 @@ class AsyncEngine:
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
         seed = p.seed if p.seed is not None else secrets.randbits(62)
-        seq = Sequence(request, self.tokenizer, seed, queue)
+        seq = Sequence(request, self.tokenizer, seed, queue, matcher)
         self._replay(seq, request.generated)
         self.waiting.append(seq)
         self._ensure_loop()
@@ -361,6 +385,8 @@ class AsyncEngine:
             self.pool.register(seq.blocks[j], seq.hashes[j])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None and not s.done]
+        mask_logits(logits, constrained, [seqs[i].matcher for i in constrained])  # type: ignore[misc]
         params = [s.params for s in seqs]
         tensors = SamplingTensors.from_params(
             params, [s.seed for s in seqs], [s.generated for s in seqs], logits.device
@@ -394,6 +420,8 @@ class AsyncEngine:
         p, finish = seq.params, None
         if (token == self.model.cfg.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
             finish = "stop"
+        elif seq.matcher is not None and self._grammar_ends(seq, token):
+            finish = "stop"
         else:
             seq.text += seq.detok.add(token)
             cut = self._stop_index(seq)
@@ -405,6 +433,16 @@ class AsyncEngine:
         end = len(seq.text) if finish else max(seq.emitted, len(seq.text) - seq.hold)
         delta, seq.emitted = seq.text[seq.emitted : end], end
         return delta, finish
+
+    @staticmethod
+    def _grammar_ends(seq: Sequence, token: int) -> bool:
+        """Advance a constrained sequence's matcher: True once its grammar has ended (it took EOS), or
+        if the token breaks the grammar (only tokens a resumed stream brings can: sampled ones are masked)."""
+        assert seq.matcher is not None
+        if not seq.matcher.accept_token(token):
+            log.error("request %s: token %d does not match its constraint", seq.request.request_id, token)
+            return True
+        return bool(seq.matcher.is_terminated())
 
     @staticmethod
     def _stop_index(seq: Sequence) -> int | None:

@@ -23,8 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from moray.model.structured import Constraint
 
 MAX_LOGPROBS = 20  # the OpenAI API's limit on top logprobs
 NUCLEUS_PREFIX = 1024  # top-p first looks for the nucleus among this many best tokens (a full sort is slow)
@@ -48,6 +52,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # token ids that end the sequence
     logprobs: int | None = None  # None = no logprobs; k = the chosen token's logprob plus the top k
     ignore_eos: bool = False  # keep generating past the end-of-sequence token
+    constraint: Constraint | None = None  # the output must match this (structured.py); None = free text
 
     def __post_init__(self) -> None:
         # Callers pass lists from JSON; keep the frozen dataclass hashable and immutable.

@@ -1,7 +1,8 @@
 """Tiny random Mixtral checkpoints in HF format (and Mistral's consolidated format), made on the fly.
 
 The embedded default model (`default_model_dir`) is one of these, built deterministically from a
-fixed seed with the real Mixtral tokenizer, so `make serve` needs no download.
+fixed seed with mistral-common's v3 tokenizer (Mixtral-8x22B-Instruct's format, tool tokens included),
+so `make serve` needs no download.
 
 Weights: every tensor comes from its own generator, seeded by (spec.seed, tensor name), so a tensor
 does not depend on which others are made or in which file it lands. Scales keep activations
@@ -34,13 +35,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moray.model.config import MixtralConfig
-from moray.model.tokenizer import default_tokenizer_path
+from moray.model.tokenizer import tools_tokenizer_path
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # part of the default model's cache key: bump when the weights' recipe changes
+FORMAT_VERSION = 3  # part of the default model's cache key: bump when the weights' recipe changes
 EMBED_OFFSET = 0.5  # per-element std of the component shared by all token embeddings
 NORM_NOISE = 0.1
+# The v3 tokenizer under Mistral's versioned name (its chat format, for moray and vLLM's
+# `--tokenizer-mode mistral`) and as `tokenizer.model` (for sentencepiece/HF loaders).
+TOKENIZER_FILES = ("tokenizer.model.v3", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class TinySpec:
     experts: int = 8  # E
     top_k: int = 2
     hidden: int = 256  # F
-    vocab: int = 32000  # V (the real tokenizer has 32000 ids)
+    vocab: int = 32768  # V (mistral-common's v3 tokenizer, with the tool-calling control tokens, has 32768)
     seed: int = 0
     max_seq_len: int = 4096
     rope_theta: float = 1e6
@@ -288,8 +292,8 @@ def make_tiny(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a random HF-format Mixtral checkpoint into `out_dir`: config.json, safetensors (one file, or
-    `shards` files + `model.safetensors.index.json`), tokenizer.model (+ tokenizer.model.v1 for vLLM's
-    `--tokenizer-mode mistral`). `router_bias={expert: strength}` makes every layer's gate prefer those
+    `shards` files + `model.safetensors.index.json`), mistral-common's v3 tokenizer as tokenizer.model.v3
+    and tokenizer.model. `router_bias={expert: strength}` makes every layer's gate prefer those
     experts by about `strength` router logits. Deterministic: same arguments, same bytes."""
     bias = dict(router_bias or {})
     if any(not 0 <= e < spec.experts for e in bias):
@@ -310,8 +314,8 @@ def make_tiny(
     if shards > 1:
         _write_index(out, files, groups, shapes, dtype)
     (out / "config.json").write_text(json.dumps(hf_config(spec, dtype), indent=2) + "\n")
-    for name in ("tokenizer.model", "tokenizer.model.v1"):
-        shutil.copyfile(default_tokenizer_path(), out / name)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tools_tokenizer_path(), out / name)
     log.info("wrote a random Mixtral %s to %s", spec, out)
     return out
 
@@ -409,7 +413,7 @@ def write_consolidated(hf_dir: str | Path, out_dir: str | Path) -> Path:
         "moe": {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.top_k},
     }
     (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    for name in ("tokenizer.model", "tokenizer.model.v1"):
+    for name in (*TOKENIZER_FILES, "tokenizer.model.v1"):
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
     return out

@@ -1,9 +1,18 @@
-"""The Mixtral tokenizer: sentencepiece, the v1 `[INST]` chat format, and streaming detokenization.
+"""The Mixtral tokenizer: sentencepiece, Mistral's chat formats, and streaming detokenization.
 
 The embedded default is the real Mixtral tokenizer that mistral-common ships
-(`mistral_common/data/tokenizer.model.v1`); a checkpoint's own `tokenizer.model` wins.
+(`mistral_common/data/tokenizer.model.v1`); a checkpoint's own tokenizer wins: a versioned
+`tokenizer.model.v2`/`.v3`/`.v7` first (Mistral's name, which tells its chat format, as vLLM's
+`--tokenizer-mode mistral` picks it), then `tokenizer.model`, then `tokenizer.model.v1`. The tiny
+checkpoints carry mistral-common's v3 tokenizer (`TOOLS_TOKENIZER`: 32768 ids, with the control tokens
+`[INST]`, `[TOOL_CALLS]`, `[AVAILABLE_TOOLS]`, `[TOOL_RESULTS]` that tool calling needs).
 
-Chat format: mistral-common's `InstructTokenizerV1` behind its request normalizer and validator
+Conversations in a v2+ format, and any with tools, tool calls or tool results, are encoded by
+mistral-common itself (`MistralTokenizer.encode_chat_completion` of `ChatCompletionRequest.from_openai`):
+no hand-written format. A v1 tokenizer (Mixtral-8x7B-Instruct-v0.1's) has no tool tokens: mistral-common
+leaves `tools` out of its prompt and refuses tool calls and tool results in the history (a 400 here).
+
+v1 text conversations: mistral-common's `InstructTokenizerV1` behind its request normalizer and validator
 (mistral_common/tokens/tokenizers/instruct.py, protocol/instruct/{normalize,validator}.py), for text
 messages with roles system / user / assistant:
 
@@ -31,24 +40,34 @@ from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
+from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
+TOOLS_TOKENIZER = "mistral_instruct_tokenizer_240323.model.v3"  # in mistral_common/data
+VERSIONED = ("tokenizer.model.v7", "tokenizer.model.v3", "tokenizer.model.v2")  # preferred in a model dir
 MESSAGE_JOIN = "\n\n"  # mistral-common's separator between merged messages and before the user turn
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 5  # window the detokenizer decodes before the new tokens (vLLM: 5)
 
 
-def default_tokenizer_path() -> Path:
-    """The Mixtral tokenizer shipped inside the installed mistral-common package."""
+def default_tokenizer_path(name: str = "tokenizer.model.v1") -> Path:
+    """The Mixtral tokenizer (or another of `name`) shipped inside the installed mistral-common package."""
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("mistral-common is not installed: it ships the default tokenizer.model.v1")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "tokenizer.model.v1"
+        raise FileNotFoundError(f"mistral-common is not installed: it ships the tokenizer {name}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / name
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}")
     return path
+
+
+def tools_tokenizer_path() -> Path:
+    """mistral-common's v3 sentencepiece tokenizer (Mixtral-8x22B-Instruct's format, with tool tokens)."""
+    return default_tokenizer_path(TOOLS_TOKENIZER)
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,11 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer model at {self.path}")
         self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         self._pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
+        # mistral-common's view of the same file: its version is the file name's (".model" = v1)
+        self.mistral = MistralTokenizer.from_file(str(self.path))
+        self.version = self.mistral.instruct_tokenizer.tokenizer.version.value  # "v1", "v3", ...
+        pieces = {p: i for i, p in enumerate(self._pieces) if self.sp.is_control(i)}
+        self.tool_calls_id: int | None = pieces.get("[TOOL_CALLS]")  # the token that opens a tool call
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Tokenizer:
@@ -74,8 +98,9 @@ class Tokenizer:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path | None) -> Tokenizer:
-        """The directory's `tokenizer.model`, else its `tokenizer.model.v1`, else the default."""
-        for name in ("tokenizer.model", "tokenizer.model.v1"):
+        """The directory's versioned `tokenizer.model.v{7,3,2}`, else its `tokenizer.model`, else its
+        `tokenizer.model.v1`, else the default."""
+        for name in (*VERSIONED, "tokenizer.model", "tokenizer.model.v1"):
             if model_dir is not None and (Path(model_dir) / name).is_file():
                 return cls(Path(model_dir) / name)
         log.info("no tokenizer.model in %s: using the default Mixtral tokenizer", model_dir)
@@ -127,13 +152,17 @@ class Tokenizer:
         return self.token_text(token_id).encode("utf-8")
 
     # ---- chat ------------------------------------------------------------------------------------
-    def encode_chat(self, messages: Sequence[Mapping[str, Any] | Any]) -> list[int]:
-        """Token ids of a conversation in the Mixtral v1 instruct format (see the module docstring).
+    def encode_chat(self, messages: Sequence[Mapping[str, Any] | Any],
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation in the tokenizer's instruct format (see the module docstring).
 
-        Messages are dicts or objects with `role` and `content`. Raises ValueError for a conversation
+        Messages are dicts or objects with `role` and `content` (OpenAI's shape: `tool_calls`,
+        `tool_call_id` too); `tools` are OpenAI's tool dicts. Raises ValueError for a conversation
         mistral-common rejects: empty, an unknown role, a system message after an assistant message,
         an assistant message without content, a lone assistant message.
         """
+        if self.version != "v1" or tools or any(_with_tools(m) for m in messages):
+            return self._encode_with_mistral_common(messages, tools)
         turns = _validated([_as_message(m) for m in messages])
         system = MESSAGE_JOIN.join(m.content for m in turns if m.role == "system" and m.content)
         merged = _merge_runs(turns)
@@ -148,6 +177,25 @@ class Tokenizer:
                 final = i == len(merged) - 1
                 ids += self.encode(m.content, bos=False) + ([] if final else [self.eos_id])
         return ids
+
+
+    def _encode_with_mistral_common(self, messages: Sequence[Mapping[str, Any] | Any],
+                                    tools: Sequence[Mapping[str, Any]] | None) -> list[int]:
+        """mistral-common's own encoding; a final assistant message is a prefix to continue (as vLLM)."""
+        dicts = [dict(m) if isinstance(m, Mapping) else vars(m) for m in messages]
+        final = bool(dicts) and dicts[-1].get("role") == "assistant"
+        try:
+            tool_dicts = [dict(t) for t in tools] if tools else None
+            request = ChatCompletionRequest.from_openai(dicts, tools=tool_dicts, continue_final_message=final)
+            ids: list[int] = self.mistral.encode_chat_completion(request).tokens
+        except (MistralCommonException, ValueError, TypeError, KeyError) as e:
+            raise ValueError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+        return ids
+
+
+def _with_tools(message: Mapping[str, Any] | Any) -> bool:
+    get = message.get if isinstance(message, Mapping) else lambda k: getattr(message, k, None)
+    return get("role") == "tool" or bool(get("tool_calls"))
 
 
 def _as_message(message: Mapping[str, Any] | Any) -> ChatMessage:

@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from moray.deploy.api.errors import APIError
+from moray.deploy.api.outputs import StructuredOutputs
 from moray.deploy.api.protocol import (
     DEFAULT_MAX_TOKENS,
     REQUEST_ID_RE,
@@ -35,9 +36,11 @@ from moray.deploy.api.protocol import (
     SamplingFields,
     random_id,
 )
+from moray.deploy.api.tools import tool_constraint
 from moray.deploy.serve.config import ServerConfig
 from moray.model.engine import QueueFullError
 from moray.model.sampling import SamplingParams
+from moray.model.structured import Constraint, ConstraintError
 from moray.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,58 @@ def parse(model: type[BaseModel], payload: Any) -> Any:
     if ignored:
         log.warning("ignoring unknown request fields: %s", ", ".join(repr(f)[:64] for f in ignored[:20]))
     return req
+
+
+def requested_constraint(req: SamplingFields) -> Constraint | None:
+    """The output constraint of `response_format`, `structured_outputs` or a `guided_*` field (vLLM's
+    names); more than one is a 400, as an empty choice list is. Compiling (a bad schema, regex or
+    grammar) is the engine's, before it queues the request."""
+    found: list[tuple[str, Constraint]] = []
+    try:
+        fmt = req.response_format
+        if fmt is not None and fmt.type == "json_object":
+            found.append(("response_format", Constraint("json_object")))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise APIError(400, "response_format: type 'json_schema' needs json_schema.schema",
+                               param="response_format")
+            found.append(("response_format", Constraint.json_schema(fmt.json_schema.json_schema)))
+        so = req.structured_outputs or StructuredOutputs()
+        given = [("guided_json", "json", req.guided_json), ("guided_regex", "regex", req.guided_regex),
+                 ("guided_choice", "choice", req.guided_choice),
+                 ("guided_grammar", "grammar", req.guided_grammar),
+                 ("structured_outputs.json", "json", so.json_),
+                 ("structured_outputs.regex", "regex", so.regex),
+                 ("structured_outputs.choice", "choice", so.choice),
+                 ("structured_outputs.grammar", "grammar", so.grammar)]
+        for name, kind, value in given:
+            if value is not None:
+                found.append((name, _constraint(kind, value)))
+        if so.json_object:
+            found.append(("structured_outputs.json_object", Constraint("json_object")))
+    except ConstraintError as e:
+        raise APIError(400, str(e), param=found[-1][0] if found else None) from None
+    if len(found) > 1:
+        raise APIError(400, "only one kind of structured output can be requested at a time, got "
+                            + ", ".join(name for name, _ in found), param=found[1][0])
+    return found[0][1] if found else None
+
+
+def chat_constraint(req: ChatCompletionRequest) -> Constraint | None:
+    """A chat's constraint: `response_format` / vLLM's fields, or the one `tool_choice` implies."""
+    requested, tools = requested_constraint(req), tool_constraint(req)
+    if requested is not None and tools is not None:
+        raise APIError(400, "tool_choice 'required' or a named function cannot be combined with "
+                            "response_format or another structured output", param="tool_choice")
+    return requested or tools
+
+
+def _constraint(kind: str, value: Any) -> Constraint:
+    if kind == "json":
+        return Constraint.json_schema(value)
+    if kind == "choice":
+        return Constraint.choice(value)
+    return Constraint(kind, value)  # type: ignore[arg-type]  # "regex" | "grammar"
 
 
 def bearer(authorization: str) -> str | None:
@@ -123,7 +178,7 @@ class Admission:
         max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS
         self._check_prompts(prompts, max_tokens)
         texts = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
-        return self._jobs(req, prompts, max_tokens, req.logprobs, rid, texts)
+        return self._jobs(req, prompts, max_tokens, req.logprobs, rid, texts, requested_constraint(req))
 
     def chat_jobs(self, req: ChatCompletionRequest, rid: str) -> list[Job]:
         """One job per choice of the conversation in the Mixtral chat format; no `max_tokens`: what
@@ -134,7 +189,7 @@ class Admission:
         max_tokens = req.requested_max_tokens() or min(room, self.config.max_tokens_limit)
         self._check_prompts([prompt], max_tokens)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return self._jobs(req, [prompt], max_tokens, logprobs, rid, [""])
+        return self._jobs(req, [prompt], max_tokens, logprobs, rid, [""], chat_constraint(req))
 
     # ---- the checks -------------------------------------------------------------------------------
     def _check_limits(self, req: SamplingFields, max_tokens: int | None) -> None:
@@ -154,9 +209,10 @@ class Admission:
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [m.as_dict() for m in req.messages]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
         try:
-            ids: list[int] = self.tokenizer.encode_chat(messages)
+            ids: list[int] = self.tokenizer.encode_chat(messages, tools)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
         return ids
@@ -172,17 +228,18 @@ class Admission:
                 raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
 
     # ---- jobs -------------------------------------------------------------------------------------
-    def _params(self, req: SamplingFields, max_tokens: int, logprobs: int | None, i: int) -> SamplingParams:
+    def _params(self, req: SamplingFields, max_tokens: int, logprobs: int | None, i: int,
+                constraint: Constraint | None) -> SamplingParams:
         seed = None if req.seed is None else (req.seed + i) % SEED_BOUND
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               top_k=min(max(req.top_k, 0), self.vocab_size), seed=seed,
                               stop=req.stop_strings(), stop_token_ids=tuple(req.stop_token_ids or ()),
-                              logprobs=logprobs, ignore_eos=req.ignore_eos)
+                              logprobs=logprobs, ignore_eos=req.ignore_eos, constraint=constraint)
 
     def _jobs(self, req: SamplingFields, prompts: list[list[int]], max_tokens: int, logprobs: int | None,
-              rid: str, texts: list[str]) -> list[Job]:
+              rid: str, texts: list[str], constraint: Constraint | None = None) -> list[Job]:
         n, many = req.n, len(prompts) * req.n > 1
-        return [Job(p * n + i, ids, self._params(req, max_tokens, logprobs, i),
+        return [Job(p * n + i, ids, self._params(req, max_tokens, logprobs, i, constraint),
                     f"{rid}-{p * n + i}" if many else rid, texts[p])
                 for p, ids in enumerate(prompts) for i in range(n)]
 

@@ -19,6 +19,7 @@ and raises, since Serve forwards a stream's context only with a yielded message 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -77,7 +78,23 @@ def completion_payload(request: moray_pb2.GenerateRequest) -> dict[str, Any]:
         payload["stop_token_ids"] = list(request.stop_token_ids)
     if request.ignore_eos:
         payload["ignore_eos"] = True
+    if request.HasField("structured_outputs"):
+        payload["structured_outputs"] = structured_outputs(request.structured_outputs)
     return payload
+
+
+def structured_outputs(so: moray_pb2.StructuredOutputs) -> dict[str, Any]:
+    """The set fields as the JSON `structured_outputs` (the schema parsed when it is JSON text)."""
+    out: dict[str, Any] = {name: getattr(so, name) for name in ("regex", "grammar", "json_object")
+                           if getattr(so, name)}
+    if so.choice:
+        out["choice"] = list(so.choice)
+    if so.json:
+        try:
+            out["json"] = json.loads(so.json)
+        except ValueError:
+            out["json"] = so.json  # the engine refuses it with the JSON parser's message
+    return out
 
 
 def completion_jobs(request: moray_pb2.GenerateRequest, admission: Admission,

@@ -55,6 +55,7 @@ from moray.deploy.api.protocol import (
     usage,
     with_token_ids,
 )
+from moray.deploy.api.tools import ToolAnswer, ToolStream
 from moray.deploy.serve.config import ServerConfig
 from moray.model.config import MixtralConfig
 from moray.model.engine import GenerateRequest, TokenEvent
@@ -211,8 +212,10 @@ class OpenAIIngress(GrpcMixin):
 
     def _chat_choice(self, req: ChatCompletionRequest, c: Choice) -> ChatChoice:
         lp = self._chat_logprobs(req, c.events)
-        choice = ChatChoice(index=c.job.index, message=ChatResponseMessage(content=c.text), logprobs=lp,
-                            finish_reason=c.finish_reason)
+        calls = ToolAnswer(req, self.tokenizer.tool_calls_id).calls(c.text, c.events, c.finish_reason)
+        message = ChatResponseMessage(content=None if calls else c.text, tool_calls=calls or [])
+        choice = ChatChoice(index=c.job.index, message=message, logprobs=lp,
+                            finish_reason="tool_calls" if calls else c.finish_reason)
         return with_token_ids(req, choice, c)  # type: ignore[no-any-return]
 
     def _chat_logprobs(self, req: ChatCompletionRequest, events: Sequence[TokenEvent]) -> ChatLogprobs | None:
@@ -232,14 +235,16 @@ class OpenAIIngress(GrpcMixin):
         for j in started.jobs:
             yield chunk([ChatChunkChoice(index=j.index, delta=ChatDelta(role="assistant", content=""))])
         seen: dict[int, Choice] = {}
+        tools = ToolStream(ToolAnswer(req, self.tokenizer.tool_calls_id))
         async for c, e in events:
+            first = c.job.index not in seen
             seen[c.job.index] = c
             lp = self._chat_logprobs(req, [e])
-            if e.text or lp is not None:
-                delta = ChatDelta(content=e.text)
+            delta, finish = tools.step(c.job.index, c.text, c.events, e, first)
+            if delta is not None and (delta.content or delta.tool_calls or lp is not None):
                 yield chunk([ChatChunkChoice(index=c.job.index, delta=delta, logprobs=lp)])
-            if e.finish_reason is not None:
-                last = ChatChunkChoice(index=c.job.index, delta=ChatDelta(), finish_reason=e.finish_reason)
+            if finish is not None:
+                last = ChatChunkChoice(index=c.job.index, delta=ChatDelta(), finish_reason=finish)
                 yield chunk([with_token_ids(req, last, c)])
         if req.include_usage:
             yield chunk([], usage(list(seen.values())))

@@ -16,6 +16,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from moray.deploy.api.outputs import (
+    DeltaToolCall,
+    NamedToolChoice,
+    ResponseFormat,
+    StructuredOutputs,
+    Tool,
+    ToolCall,
+)
+
 if TYPE_CHECKING:
     from moray.model.engine import TokenEvent
     from moray.model.sampling import SamplingParams
@@ -60,6 +69,12 @@ class SamplingFields(OpenAIBaseModel):
     stream: bool = Field(False, description="Send Server-Sent Events.")
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = Field(None, description="`json_object` or `json_schema` output.")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's constraints (one kind).")
+    guided_json: dict[str, Any] | str | bool | None = Field(None, description="vLLM: a JSON schema.")
+    guided_regex: str | None = Field(None, description="vLLM: a regular expression.")
+    guided_choice: list[str] | None = Field(None, description="vLLM: one of these strings.")
+    guided_grammar: str | None = Field(None, description="vLLM: an EBNF (GBNF) or Lark grammar.")
 
     @field_validator("stop")
     @classmethod
@@ -108,8 +123,20 @@ class TextPart(OpenAIBaseModel):
 
 
 class ChatMessage(OpenAIBaseModel):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant's earlier tool calls.")
+    tool_call_id: str | None = Field(None, description="A tool message: the call it answers.")
+    name: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as mistral-common's `from_openai` reads it (text content; no unset fields)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+            out["content"] = self.text() or None
+        out.update({k: v for k, v in (("tool_call_id", self.tool_call_id), ("name", self.name)) if v})
+        return out
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -124,6 +151,10 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = Field(False, description="Return the chosen tokens' log-probs.")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS,
                                      description="Alternatives per position (needs logprobs).")
+    tools: list[Tool] | None = Field(None, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="`auto` (the default with tools), `none`, `required`, or one named function.")
+    parallel_tool_calls: bool = Field(True, description="`required`: more than one call allowed.")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -185,7 +216,8 @@ class ChatLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -209,6 +241,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

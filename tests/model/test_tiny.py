@@ -23,7 +23,7 @@ from moray.model.tiny import (
     make_tiny,
     write_consolidated,
 )
-from moray.model.tokenizer import default_tokenizer_path
+from moray.model.tokenizer import tools_tokenizer_path
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,11 +72,12 @@ def small_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_files_names_and_shapes(tiny_dir: Path) -> None:
     spec = TinySpec()
     assert (tiny_dir / "config.json").is_file() and (tiny_dir / "model.safetensors").is_file()
-    assert (tiny_dir / "tokenizer.model").read_bytes() == default_tokenizer_path().read_bytes()
+    for name in ("tokenizer.model", "tokenizer.model.v3"):  # v3: the tool-calling control tokens
+        assert (tiny_dir / name).read_bytes() == tools_tokenizer_path().read_bytes()
     tensors = all_tensors(tiny_dir)
     assert set(tensors) == expected_names(spec)
     D, F = spec.dim, spec.hidden
-    assert tensors["model.embed_tokens.weight"].shape == (32000, D) == tensors["lm_head.weight"].shape
+    assert tensors["model.embed_tokens.weight"].shape == (32768, D) == tensors["lm_head.weight"].shape
     assert tensors["model.layers.0.self_attn.k_proj.weight"].shape == (spec.kv_heads * D // spec.heads, D)
     assert tensors["model.layers.3.block_sparse_moe.gate.weight"].shape == (spec.experts, D)
     assert tensors["model.layers.1.block_sparse_moe.experts.7.w1.weight"].shape == (F, D)
@@ -93,7 +94,7 @@ def test_config_is_transformers_mixtral(tiny_dir: Path) -> None:
     assert cfg.num_hidden_layers == spec.layers
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (spec.heads, spec.kv_heads)
     assert (cfg.num_local_experts, cfg.num_experts_per_tok) == (spec.experts, spec.top_k)
-    assert (cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id) == (32000, 1, 2)
+    assert (cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id) == (32768, 1, 2)
     assert cfg.rms_norm_eps == spec.norm_eps and cfg.max_position_embeddings == spec.max_seq_len
     assert cfg.tie_word_embeddings is False
     rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}
@@ -211,7 +212,7 @@ def test_consolidated_names_params_and_tensors(small_dir: Path, tmp_path: Path) 
     assert (params["dim"], params["n_layers"], params["hidden_dim"]) == (SPEC.dim, SPEC.layers, SPEC.hidden)
     assert (params["n_heads"], params["n_kv_heads"], params["head_dim"]) == (SPEC.heads, SPEC.kv_heads, 16)
     assert params["moe"] == {"num_experts": SPEC.experts, "num_experts_per_tok": SPEC.top_k}
-    assert params["rope_theta"] == 1e6 and params["vocab_size"] == 32000 and params["norm_eps"] == 1e-5
+    assert params["rope_theta"] == 1e6 and params["vocab_size"] == 32768 and params["norm_eps"] == 1e-5
     mistral, hf = load_file(out / "consolidated.safetensors"), all_tensors(small_dir)
     names = {"tok_embeddings.weight", "norm.weight", "output.weight"}
     for i in range(SPEC.layers):

@@ -16,7 +16,13 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from moray.model.tokenizer import ChatMessage, IncrementalDetokenizer, Tokenizer, default_tokenizer_path
+from moray.model.tokenizer import (
+    ChatMessage,
+    IncrementalDetokenizer,
+    Tokenizer,
+    default_tokenizer_path,
+    tools_tokenizer_path,
+)
 
 TEXTS = [
     "Hello world, how are you?",
@@ -284,3 +290,48 @@ def test_detokenizer_keeps_a_short_window(tok: Tokenizer) -> None:
     assert text == tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
     assert len(detok.ids) < 16  # decodes a window, not the whole sequence
     assert prompt == tok.encode("The story begins")  # the caller's list is not touched
+
+
+# ---- tools -------------------------------------------------------------------------------------------
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = {"id": "abcDEF123", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+TOOL_TURNS = [{"role": "user", "content": "Weather in Oslo?"},
+              {"role": "assistant", "content": None, "tool_calls": [CALL]},
+              {"role": "tool", "tool_call_id": "abcDEF123", "name": "get_weather", "content": "-3C"},
+              {"role": "user", "content": "Thanks. And now?"}]
+
+
+def test_v3_renders_tools_and_tool_turns_with_mistral_common(tmp_path: Path) -> None:
+    """The tiny checkpoints' tokenizer: tools, a tool call and its result as mistral-common's own message
+    classes encode them (the [AVAILABLE_TOOLS] / [TOOL_CALLS] / [TOOL_RESULTS] control tokens)."""
+    from mistral_common.protocol.instruct.messages import ToolMessage
+    from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
+
+    shutil.copyfile(tools_tokenizer_path(), tmp_path / "tokenizer.model.v3")
+    shutil.copyfile(default_tokenizer_path(), tmp_path / "tokenizer.model")  # the versioned file wins
+    tok3 = Tokenizer.from_model_dir(tmp_path)
+    assert (tok3.version, tok3.vocab_size, tok3.tool_calls_id) == ("v3", 32768, 5)
+    reference = MistralTokenizer.from_file(str(tools_tokenizer_path()))
+    request = ChatCompletionRequest(
+        tools=[Tool(function=Function(**TOOL["function"]))],  # type: ignore[arg-type]
+        messages=[UserMessage(content="Weather in Oslo?"),
+                  AssistantMessage(tool_calls=[ToolCall(id="abcDEF123", function=FunctionCall(
+                      name="get_weather", arguments='{"city": "Oslo"}'))]),
+                  ToolMessage(content="-3C", tool_call_id="abcDEF123", name="get_weather"),
+                  UserMessage(content="Thanks. And now?")])
+    expected = reference.encode_chat_completion(request).tokens
+    assert tok3.encode_chat(TOOL_TURNS, [TOOL]) == expected
+    pieces = {tok3.id_to_piece(i) for i in expected}
+    assert {"[AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[INST]"} <= pieces
+
+
+def test_v1_leaves_tools_out_and_refuses_tool_turns(tok: Tokenizer) -> None:
+    """Mixtral-8x7B-Instruct-v0.1's tokenizer has no tool tokens: mistral-common (and so vLLM) renders no
+    tools, and a tool call or result in the history is an error (a 400 from the API)."""
+    plain = [{"role": "user", "content": "Weather in Oslo?"}]
+    assert tok.version == "v1" and tok.tool_calls_id is None
+    assert tok.encode_chat(plain, [TOOL]) == tok.encode_chat(plain)
+    with pytest.raises(ValueError, match="Tools not implemented"):
+        tok.encode_chat(TOOL_TURNS, [TOOL])

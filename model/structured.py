@@ -1,0 +1,147 @@
+"""Constrained decoding: grammars compiled with xgrammar, one matcher per sequence, a token bitmask a step.
+
+A `Constraint` (a JSON schema, any JSON object, a regex, a choice among strings, an EBNF/Lark grammar)
+rides in a request's `SamplingParams`. `Grammars` compiles it once per distinct constraint (an LRU of
+`CompiledGrammar`s over one `xgrammar.GrammarCompiler`), `Grammars.matcher` makes a sequence's
+`xgrammar.GrammarMatcher`, and `mask_logits` sets every token the grammar does not allow next to -inf
+in the constrained rows of a step's logits (the other rows are not touched). The engine accepts each
+sampled token into its sequence's matcher; the grammar's end is the end-of-sequence token, so a
+constrained sequence finishes "stop" when its matcher accepts EOS.
+
+Why xgrammar: vLLM, SGLang and TensorRT-LLM use it for the same job (a pushdown automaton with a
+per-grammar cache of context-independent tokens, a C++ bitmask fill of tens of microseconds per row).
+
+Vocabulary: xgrammar's `TokenizerInfo` is built from the sentencepiece pieces (byte fallback, "▁" for
+space) with the MODEL's vocabulary size, which may exceed the tokenizer's: ids past the tokenizer's
+vocabulary, and control tokens (`<s>`, `[INST]`, ... which decode to nothing), are never allowed.
+
+Shapes: B rows of a step's logits, V the model's vocabulary, W = ceil(V / 32) bitmask words.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import xgrammar as xgr
+
+from moray.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["json", "json_object", "regex", "choice", "grammar"]
+KINDS: tuple[str, ...] = ("json", "json_object", "regex", "choice", "grammar")
+GrammarMatcher = xgr.GrammarMatcher
+CACHE_SIZE = 256  # compiled grammars kept per process (least recently used dropped first)
+_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[10:21:45] /project/cpp/regex_converter.cc:94: "
+
+
+class ConstraintError(ValueError):
+    """A schema, regex, choice list or grammar that cannot be compiled (the client's fault)."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a sequence's output must match. `spec`: the JSON schema as JSON text (`json`), nothing
+    (`json_object`: any JSON object), the regex (`regex`), the choices as a JSON list of strings
+    (`choice`), an EBNF (GBNF) or Lark grammar (`grammar`). Plain strings: hashable, picklable."""
+
+    kind: Kind
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConstraintError(f"unknown constraint kind {self.kind!r}: expected one of {KINDS}")
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any] | bool | str) -> Constraint:
+        return cls("json", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+
+    @classmethod
+    def choice(cls, choices: Sequence[str]) -> Constraint:
+        if not choices or not all(isinstance(c, str) for c in choices):
+            raise ConstraintError("choice must be a non-empty list of strings")
+        return cls("choice", json.dumps(list(choices)))
+
+
+def tokenizer_info(tokenizer: Tokenizer, vocab_size: int) -> xgr.TokenizerInfo:
+    """xgrammar's view of the sentencepiece vocabulary, padded to the model's `vocab_size`. Control
+    and unknown tokens get an empty piece: xgrammar treats those as special and never allows them."""
+    sp = tokenizer.sp
+    pieces = [
+        "" if sp.is_control(i) or sp.is_unknown(i) else tokenizer.id_to_piece(i)
+        for i in range(tokenizer.vocab_size)
+    ]
+    return xgr.TokenizerInfo(pieces, xgr.VocabType.BYTE_FALLBACK, vocab_size=vocab_size,
+                             stop_token_ids=[tokenizer.eos_id], add_prefix_space=True)
+
+
+def _choice_grammar(spec: str) -> str:
+    """An EBNF grammar whose language is exactly the given strings."""
+    choices = json.loads(spec)
+    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+
+
+class Grammars:
+    """Compiles constraints for one tokenizer (thread-safe; call `compile` off the engine loop)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, cache_size: int = CACHE_SIZE) -> None:
+        self.vocab_size = vocab_size
+        self.info = tokenizer_info(tokenizer, vocab_size)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+        self.cache: OrderedDict[Constraint, xgr.CompiledGrammar] = OrderedDict()
+        self.cache_size = cache_size
+        self.compiled = 0  # grammars compiled (cache misses), for stats and tests
+        self._lock = threading.Lock()
+
+    def compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
+        """The constraint's compiled grammar, from the cache when it was seen; `ConstraintError` if bad."""
+        with self._lock:
+            if constraint in self.cache:
+                self.cache.move_to_end(constraint)
+                return self.cache[constraint]
+        grammar = self._compile(constraint)
+        with self._lock:
+            self.cache[constraint] = grammar
+            self.compiled += 1
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return grammar
+
+    def _compile(self, c: Constraint) -> xgr.CompiledGrammar:
+        try:
+            if c.kind == "json":
+                json.loads(c.spec)  # xgrammar's message for broken JSON text is less clear
+                return self.compiler.compile_json_schema(c.spec, any_whitespace=False)
+            if c.kind == "json_object":
+                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            if c.kind == "regex":
+                return self.compiler.compile_regex(c.spec)
+            if c.kind == "choice":
+                return self.compiler.compile_grammar(_choice_grammar(c.spec))
+            return self.compiler.compile_grammar(c.spec)
+        except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError/its own types
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            message = _CPP_PREFIX.sub("", lines[0])
+            raise ConstraintError(f"invalid {c.kind} constraint: {message}") from None
+
+    def matcher(self, constraint: Constraint) -> GrammarMatcher:
+        return GrammarMatcher(self.compile(constraint))
+
+
+def mask_logits(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[GrammarMatcher]) -> None:
+    """Set the tokens each matcher forbids to -inf in its row of `logits` [B, V] (in place, xgrammar's
+    kernel for the device); rows not listed are untouched."""
+    if not rows:
+        return
+    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[-1])  # [B, W] int32, all allowed
+    for row, m in zip(rows, matchers, strict=True):
+        m.fill_next_token_bitmask(bitmask, row)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=list(rows))
