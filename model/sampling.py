@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TypeVar
 
 import torch
 
@@ -258,9 +259,16 @@ def sample_rows(logits: torch.Tensor, tensors: SamplingTensors, num_logprobs: in
     names = [f.name for f in fields(SamplingTensors)]
     rows = [SamplingTensors(*(getattr(tensors, n)[i : i + 1] for n in names)) for i in range(len(tensors))]
     outs = [sample(logits[i : i + 1], row, num_logprobs) for i, row in enumerate(rows)]
-    if not outs:
-        return sample(logits, tensors, num_logprobs)
-    return SampleOutput(*(torch.cat([getattr(o, f.name) for o in outs]) for f in fields(SampleOutput)))
+    return _cat(outs) if outs else sample(logits, tensors, num_logprobs)
+
+
+Out = TypeVar("Out", SampleOutput, "ScoreOutput")
+
+
+def _cat(outs: list[Out]) -> Out:
+    """One-row outputs stacked into one."""
+    kind = type(outs[0])
+    return kind(*(torch.cat([getattr(o, f.name) for o in outs]) for f in fields(kind)))
 
 
 @dataclass
@@ -289,6 +297,4 @@ def score_rows(logits: torch.Tensor, targets: torch.Tensor, num_logprobs: int = 
     """`score`, one row at a time: each row's numbers do not depend on how many rows are scored with
     it (how the prompt was chunked, what else ran in the step). For deterministic mode."""
     outs = [score(logits[i : i + 1], targets[i : i + 1], num_logprobs) for i in range(len(targets))]
-    if not outs:
-        return score(logits, targets, num_logprobs)
-    return ScoreOutput(*(torch.cat([getattr(o, f.name) for o in outs]) for f in fields(ScoreOutput)))
+    return _cat(outs) if outs else score(logits, targets, num_logprobs)
