@@ -92,7 +92,7 @@ class Routes(Protocol):
 
     async def create_chat(self, req: ChatCompletionRequest, rid: str) -> Any: ...
 
-    async def check_health(self) -> None: ...
+    async def ready(self) -> None: ...
 
     async def status(self) -> dict[str, Any]: ...
 
@@ -178,7 +178,7 @@ def create_api(ingress: Routes) -> Any:
     @app.get("/health")
     async def health() -> Any:
         try:
-            await ingress.check_health()
+            await ingress.ready()
         except Exception as e:
             return error_response(to_api_error(e))
         return Response(status_code=200)

@@ -148,8 +148,13 @@ class OpenAIIngress(GrpcMixin):
         counts, shards = await self.engine.routing_counts()  # [L][E]
         return {**live_routing(counts), "shards": shards}
 
-    async def check_health(self) -> None:
-        """Raise unless the dispatcher can serve (HTTP 503 from /health)."""
+    async def ready(self) -> None:
+        """Raise unless the dispatcher can serve (HTTP 503 from /health).
+
+        Not named `check_health`: Serve would take it for this replica's liveness check and, after three
+        failures while a dispatcher restarts (a slow start on a loaded node takes over 20 s), kill the
+        ingress replica and with it every stream it was holding to resume. The ingress is alive while its
+        event loop answers, which Serve checks by itself."""
         await self.engine.check_health()
 
     # ---- completions ------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import ray
 import torch
 
 from moray.deploy.serve.config import ServerConfig
@@ -93,10 +94,19 @@ def replica_pids(app: str, deployment: str) -> list[int]:
     """Live replica processes of a deployment, from Ray's actor table in the GCS: what the state API
     (`ray.util.state.list_actors`) serves, read without its dashboard server, which a loaded machine
     sometimes leaves unanswered."""
+    return [int(a["Pid"]) for a in live_replicas(app, deployment)]
+
+
+def live_replicas(app: str, deployment: str) -> list[dict[str, Any]]:
     from ray._private import state
 
     actors = state.actors(actor_state_name="ALIVE").values()
-    return [int(a["Pid"]) for a in actors if a["ActorClassName"] == f"ServeReplica:{app}:{deployment}"]
+    return [a for a in actors if a["ActorClassName"] == f"ServeReplica:{app}:{deployment}"]
+
+
+def replica_actors(app: str, deployment: str) -> list[Any]:
+    """Handles to the live replica actors of a deployment (Serve's own actors, in its namespace)."""
+    return [ray.get_actor(a["Name"], namespace="serve") for a in live_replicas(app, deployment)]
 
 
 def running_replicas(app: str, deployment: str) -> tuple[str, int]:
@@ -391,11 +401,16 @@ def test_killed_dispatcher_ends_streams_with_errors_then_recovers(fault_app: Fau
         assert set(error) == {"message", "type", "param", "code"} and error["code"] == 503, error
     errors_s = max(s.ended_at or 0.0 for s in streams) - killed_at
     health = httpx.get(f"{fault_app.url}/health", timeout=TIMEOUT_S)
+    # Serve's own liveness check of the ingress replicas (three failures and Serve kills a replica with
+    # its streams) passes while /health says 503: the ingress is alive, its dispatcher is not.
+    ingress_alive = [ray.get(replica.check_health.remote(), timeout=TIMEOUT_S)
+                     for replica in replica_actors(fault_app.name, "openai-ingress")]
     seen = poll_until_served(fault_app.base_url, killed_at)
     *refused, (served_s, status, _, ok) = seen
     assert status == 200 and served_s < BACK_S, [(round(t, 1), s) for t, s, _, _ in seen]
     assert ok.json()["usage"]["completion_tokens"] >= 1
     assert refused and health.status_code == 503, "no 503 while the dispatcher was down"
+    assert ingress_alive == [None]
     for _, status, latency, r in refused:
         assert status == 503 and r.json()["error"]["code"] == 503 and r.headers["retry-after"], r.text
         assert latency < 10.0
