@@ -26,7 +26,7 @@ import torch
 from moray.model.kv_cache import BlockPool, KVCache
 from moray.model.layers import StepBatch
 from moray.model.mixtral import ExpertBackend, Mixtral
-from moray.model.sampling import SamplingParams, SamplingTensors, sample, sample_rows
+from moray.model.sampling import SamplingParams, SamplingTensors, sample, sample_rows, score, score_rows
 from moray.model.structured import Constraint, ConstraintError, GrammarMatcher, Grammars, mask_logits
 from moray.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -60,7 +60,21 @@ class GenerateRequest:
 
 
 @dataclass
+class PromptLogprob:
+    """A prompt token scored given the tokens before it: its log-probability, its rank in the vocabulary
+    (1 = the most likely) and the k most likely tokens at its position (`prompt_logprobs` = k)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_logprobs: list[tuple[int, float]]
+
+
+@dataclass
 class TokenEvent:
+    """`prompt_logprobs`: on a request's first event when its params ask for them, one per prompt token
+    after the first (the first has nothing before it); None on every other event."""
+
     request_id: str
     token_id: int
     text: str
@@ -69,6 +83,7 @@ class TokenEvent:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 @dataclass
@@ -118,6 +133,16 @@ class Sequence:
         self.emitted = 0  # chars of `text` already sent
         self.hold = max((len(s) for s in self.params.stop), default=1) - 1
         self.done = False
+        # Scores of prompt tokens 1.. as prefill reaches them; a continuation already delivered them.
+        wanted = self.params.prompt_logprobs is not None and not request.generated
+        self.prompt_scores: list[PromptLogprob] | None = [] if wanted else None
+
+    def prompt_rows(self, n: int) -> int:
+        """How many of the next `n` positions to compute give the logits of a prompt token to score
+        (position p scores token p + 1)."""
+        if self.prompt_scores is None:
+            return 0
+        return max(0, min(self.num_computed + n, self.prompt_len - 1) - self.num_computed)
 
     @property
     def generated(self) -> int:
@@ -288,7 +313,9 @@ class AsyncEngine:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            alloc = self.pool.allocate(seq.tokens, seq.prompt_len + seq.params.max_tokens)
+            # A request scoring its prompt needs the logits of every position: no cached prefix.
+            reuse = seq.prompt_scores is None
+            alloc = self.pool.allocate(seq.tokens, seq.prompt_len + seq.params.max_tokens, reuse=reuse)
             if alloc is None:
                 break
             self.waiting.popleft()
@@ -324,6 +351,7 @@ class AsyncEngine:
             query_index += list(range(n))
             slots += [seq.blocks[p // bs] * bs + p % bs for p in pos]
             tables.append(seq.blocks[: self.pool.blocks_needed(pos[-1] + 1)])
+            logits_index += range(start, start + seq.prompt_rows(n))
             if pos[-1] + 1 == len(seq.tokens):
                 logits_index.append(start + n - 1)
         width = max(len(t) for t in tables)
@@ -363,14 +391,23 @@ class AsyncEngine:
             return await self.model.forward_step(self._batch(half), self.kv, timed_experts)
 
         parts = await asyncio.gather(*(forward(h) for h in halves))
-        logits = torch.cat(list(parts))  # [N, V], rows in sched order of sequences that sample
+        # [N, V]: per sequence in sched order, its prompt rows to score (`_batch`), then its sampling row
+        logits = torch.cat(list(parts))
         t1 = time.perf_counter()
+        sampling, rows, row = [], [], 0
         for seq, n in sched:
+            scored = seq.prompt_rows(n)
+            if scored:
+                self._score_prompt(seq, logits[row : row + scored])
+                row += scored
             seq.num_computed += n
             self._register_prefix(seq)
-        sampling = [seq for seq, _ in sched if seq.num_computed == len(seq.tokens)]
+            if seq.num_computed == len(seq.tokens):
+                sampling.append(seq)
+                rows.append(row)
+                row += 1
         if sampling:
-            self._sample(sampling, logits)
+            self._sample(sampling, logits if len(rows) == len(logits) else logits[rows])
         t2 = time.perf_counter()
         tm = self.times
         tm.steps += 1
@@ -383,6 +420,17 @@ class AsyncEngine:
     def _register_prefix(self, seq: Sequence) -> None:
         for j in range(min(seq.num_computed // self.pool.block_size, len(seq.hashes))):
             self.pool.register(seq.blocks[j], seq.hashes[j])
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Score the prompt tokens after positions num_computed.. from their logits [P, V]."""
+        assert seq.prompt_scores is not None and seq.params.prompt_logprobs is not None
+        start, k = seq.num_computed + 1, seq.params.prompt_logprobs
+        targets = torch.tensor(seq.tokens[start : start + len(logits)], device=logits.device)
+        out = (score_rows if self.config.deterministic else score)(logits, targets, k)
+        top = zip(out.top_ids.tolist(), out.top_logprobs.tolist(), strict=True)
+        rows = zip(targets.tolist(), out.logprobs.tolist(), out.ranks.tolist(), top, strict=True)
+        seq.prompt_scores += [PromptLogprob(t, lp, rank, list(zip(ids, lps, strict=True)))
+                              for t, lp, rank, (ids, lps) in rows]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         constrained = [i for i, s in enumerate(seqs) if s.matcher is not None and not s.done]
@@ -406,9 +454,11 @@ class AsyncEngine:
         self, seq: Sequence, token: int, logprob: float | None, top: list[tuple[int, float]] | None
     ) -> None:
         delta, finish = self._extend(seq, token)
+        prompt, seq.prompt_scores = seq.prompt_scores, None  # sent once, with the first token
         seq.queue.put_nowait(
             TokenEvent(
-                seq.request.request_id, token, delta, logprob, top, finish, seq.prompt_len, seq.generated
+                seq.request.request_id, token, delta, logprob, top, finish, seq.prompt_len, seq.generated,
+                prompt,
             )
         )
         if finish is not None:

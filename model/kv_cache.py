@@ -75,11 +75,12 @@ class BlockPool:
             hashes.append(h)
         return hashes
 
-    def allocate(self, prompt: list[int], total_tokens: int) -> Allocation | None:
-        """Blocks for `total_tokens`, reusing cached prefix blocks; None when the pool is too full."""
+    def allocate(self, prompt: list[int], total_tokens: int, reuse: bool = True) -> Allocation | None:
+        """Blocks for `total_tokens`, reusing cached prefix blocks unless `reuse` is off (the prompt's
+        blocks are still registered once computed); None when the pool is too full."""
         hashes = self.prefix_hashes(prompt) if self.prefix_caching else []
         hits = []
-        for h in hashes:
+        for h in hashes if reuse else ():
             if h not in self.block_of:
                 break
             hits.append(self.block_of[h])

@@ -16,14 +16,18 @@ skip the sorting.
 Logprobs are the log-softmax of the raw logits (temperature 1, before top-k/top-p), as vLLM reports
 them by default.
 
-Shapes: B rows (sequences that sample this step), V vocabulary entries, N top logprobs per row.
+Prompt logprobs (`score`) are the same log-softmax at each prompt position, taken at the prompt's
+next token, with that token's rank in the vocabulary (1 = the most likely) and the top N.
+
+Shapes: B rows (sequences that sample this step, or prompt positions scored), V vocabulary entries,
+N top logprobs per row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -51,6 +55,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings (not included in the output)
     stop_token_ids: tuple[int, ...] = ()  # token ids that end the sequence
     logprobs: int | None = None  # None = no logprobs; k = the chosen token's logprob plus the top k
+    prompt_logprobs: int | None = None  # None = none; k = each prompt token's logprob, rank and the top k
     ignore_eos: bool = False  # keep generating past the end-of-sequence token
     constraint: Constraint | None = None  # the output must match this (structured.py); None = free text
 
@@ -71,6 +76,10 @@ class SamplingParams:
             (
                 f"logprobs must be in 0..{MAX_LOGPROBS} or None, got {self.logprobs}",
                 self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS,
+            ),
+            (
+                f"prompt_logprobs must be in 0..{MAX_LOGPROBS} or None, got {self.prompt_logprobs}",
+                self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
             ),
             (
                 f"seed must be an integer or None, got {self.seed!r}",
@@ -254,6 +263,42 @@ def sample_rows(logits: torch.Tensor, tensors: SamplingTensors, num_logprobs: in
     names = [f.name for f in fields(SamplingTensors)]
     rows = [SamplingTensors(*(getattr(tensors, n)[i : i + 1] for n in names)) for i in range(len(tensors))]
     outs = [sample(logits[i : i + 1], row, num_logprobs) for i, row in enumerate(rows)]
-    if not outs:
-        return sample(logits, tensors, num_logprobs)
-    return SampleOutput(*(torch.cat([getattr(o, f.name) for o in outs]) for f in fields(SampleOutput)))
+    return _cat(outs) if outs else sample(logits, tensors, num_logprobs)
+
+
+Out = TypeVar("Out", SampleOutput, "ScoreOutput")
+
+
+def _cat(outs: list[Out]) -> Out:
+    """One-row outputs stacked into one."""
+    kind = type(outs[0])
+    return kind(*(torch.cat([getattr(o, f.name) for o in outs]) for f in fields(kind)))
+
+
+@dataclass
+class ScoreOutput:
+    logprobs: torch.Tensor  # [B] float32: log-softmax at the target token
+    ranks: torch.Tensor  # [B] int64: 1 + how many tokens are strictly more likely than the target
+    top_ids: torch.Tensor  # [B, N] int64, best first
+    top_logprobs: torch.Tensor  # [B, N] float32
+
+
+def score(logits: torch.Tensor, targets: torch.Tensor, num_logprobs: int = 0) -> ScoreOutput:
+    """Teacher-forced scores: each row's log-softmax at its given `targets` [B] (the next prompt token),
+    that token's rank and the top `num_logprobs`, from `logits` [B, V]."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be [B, V] and targets [B], got {tuple(logits.shape)}, "
+                         f"{tuple(targets.shape)}")
+    logits = logits.float()
+    lse = logits.logsumexp(dim=-1, keepdim=True)  # [B, 1]
+    chosen = logits.gather(-1, targets[:, None])  # [B, 1]
+    ranks = (logits > chosen).sum(dim=-1) + 1  # [B]
+    top, top_ids = logits.topk(min(num_logprobs, logits.shape[-1]), dim=-1)  # [B, N]
+    return ScoreOutput((chosen - lse).squeeze(-1), ranks, top_ids, top - lse)
+
+
+def score_rows(logits: torch.Tensor, targets: torch.Tensor, num_logprobs: int = 0) -> ScoreOutput:
+    """`score`, one row at a time: each row's numbers do not depend on how many rows are scored with
+    it (how the prompt was chunked, what else ran in the step). For deterministic mode."""
+    outs = [score(logits[i : i + 1], targets[i : i + 1], num_logprobs) for i in range(len(targets))]
+    return _cat(outs) if outs else score(logits, targets, num_logprobs)

@@ -8,7 +8,9 @@ all come through here, so a request means the same on every API:
 - `Admission.completion_jobs` / `chat_jobs` check what depends on the server (the model name, `n`,
   `max_tokens`, the prompt fits the context, token ids in the vocabulary) and make one `Job` per
   choice, with `top_k` clamped to the vocabulary, seeds `(seed + i) mod 2**63`, `stop`,
-  `stop_token_ids` and `ignore_eos` passed on;
+  `stop_token_ids` and `ignore_eos` passed on, and the prompt scored (`prompt_logprobs`) when
+  `prompt_logprobs` or `echo` with `logprobs` ask for it; `echo` with `max_tokens` 0 (scoring only,
+  as vLLM) generates one token that the response leaves out;
 - `Admission.request_id` keeps a client's request id when it is a safe token, else makes one;
 - `Admission.authorized` compares an API key in constant time;
 - `InFlight` answers 429 at once, without an engine call, past (max_num_seqs + max_waiting) x
@@ -172,10 +174,11 @@ class Admission:
     def completion_jobs(self, req: CompletionRequest, rid: str) -> list[Job]:
         """One job per (prompt, choice); the prompt text rides along when `echo` asks for it."""
         self._check_limits(req, req.max_tokens)
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 only with echo: the prompt is scored, "
+                                "nothing is generated)", param="max_tokens")
         prompts = self._completion_prompts(req)
-        max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS
+        max_tokens = 1 if req.score_only else req.max_tokens or DEFAULT_MAX_TOKENS
         self._check_prompts(prompts, max_tokens)
         texts = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
         return self._jobs(req, prompts, max_tokens, req.logprobs, rid, texts, requested_constraint(req))
@@ -199,6 +202,8 @@ class Admission:
         if max_tokens is not None and max_tokens > self.config.max_tokens_limit:
             raise APIError(400, f"max_tokens must be at most {self.config.max_tokens_limit}, "
                                 f"got {max_tokens}", param="max_tokens")
+        if req.stream and req.prompt_logprobs is not None:  # as vLLM
+            raise APIError(400, "prompt_logprobs are not available when stream=True", param="prompt_logprobs")
 
     def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         prompts = req.prompt_list()
@@ -234,13 +239,14 @@ class Admission:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               top_k=min(max(req.top_k, 0), self.vocab_size), seed=seed,
                               stop=req.stop_strings(), stop_token_ids=tuple(req.stop_token_ids or ()),
-                              logprobs=logprobs, ignore_eos=req.ignore_eos, constraint=constraint)
+                              logprobs=logprobs, ignore_eos=req.ignore_eos, constraint=constraint,
+                              prompt_logprobs=req.scored_prompt())
 
     def _jobs(self, req: SamplingFields, prompts: list[list[int]], max_tokens: int, logprobs: int | None,
               rid: str, texts: list[str], constraint: Constraint | None = None) -> list[Job]:
         n, many = req.n, len(prompts) * req.n > 1
         return [Job(p * n + i, ids, self._params(req, max_tokens, logprobs, i, constraint),
-                    f"{rid}-{p * n + i}" if many else rid, texts[p])
+                    f"{rid}-{p * n + i}" if many else rid, texts[p], req.score_only)
                 for p, ids in enumerate(prompts) for i in range(n)]
 
 

@@ -50,6 +50,7 @@ class Completion:
     usage: dict[str, int] = field(default_factory=dict)
     id: str = ""
     logprobs: Any = None  # as the HTTP API returns them, when asked for
+    prompt_logprobs: Any = None  # vLLM's shape ({token id: {logprob, rank, decoded_token}}), when asked for
 
 
 class MorayClient:
@@ -95,7 +96,8 @@ def _completion(out: dict[str, Any], text: str) -> Completion:
     choice = out["choices"][0]
     return Completion(text=text, token_ids=list(choice.get("token_ids") or []),
                       finish_reason=choice.get("finish_reason"), usage=dict(out.get("usage") or {}),
-                      id=out.get("id", ""), logprobs=choice.get("logprobs"))
+                      id=out.get("id", ""), logprobs=choice.get("logprobs"),
+                      prompt_logprobs=choice.get("prompt_logprobs") or out.get("prompt_logprobs"))
 
 
 def _result(response: Any) -> Any:

@@ -44,7 +44,8 @@ SERVICER_FUNCTION = "moray.deploy.api.moray_pb2_grpc.add_MorayServicer_to_server
 PROTO_PATH = Path(__file__).with_name("moray.proto")
 PROTO_PACKAGE = Path("moray", "deploy", "api")  # the proto's path under protoc's include root
 STUB_FILES = ("moray_pb2.py", "moray_pb2.pyi", "moray_pb2_grpc.py")
-_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")  # proto3 `optional` fields
+# proto3 `optional` fields
+_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "prompt_logprobs")
 
 Code = grpc.StatusCode
 # HTTP status of the OpenAI API -> gRPC code (the google.rpc.Code mapping).
@@ -123,6 +124,14 @@ def token_logprob(event: TokenEvent) -> moray_pb2.TokenLogprob | None:
     return moray_pb2.TokenLogprob(token_id=event.token_id, logprob=event.logprob, top_logprobs=top)
 
 
+def prompt_logprobs(event: TokenEvent) -> list[moray_pb2.PromptLogprob]:
+    """The prompt's scores, on a request's first event when it asked for them."""
+    return [moray_pb2.PromptLogprob(token_id=s.token_id, logprob=s.logprob, rank=s.rank,
+                                    top_logprobs=[moray_pb2.TopLogprob(token_id=t, logprob=lp)
+                                                  for t, lp in s.top_logprobs])
+            for s in event.prompt_logprobs or []]
+
+
 def usage(event: TokenEvent) -> moray_pb2.Usage:
     return moray_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
                            total_tokens=event.prompt_tokens + event.completion_tokens)
@@ -131,7 +140,8 @@ def usage(event: TokenEvent) -> moray_pb2.Usage:
 def chunk(event: TokenEvent) -> moray_pb2.GenerateChunk:
     """One streamed token; the last one (finish_reason set) also carries the usage."""
     out = moray_pb2.GenerateChunk(text=event.text, token_id=event.token_id, request_id=event.request_id,
-                                  finish_reason=event.finish_reason or "", logprob=token_logprob(event))
+                                  finish_reason=event.finish_reason or "", logprob=token_logprob(event),
+                                  prompt_logprobs=prompt_logprobs(event))
     if event.finish_reason is not None:
         out.usage.CopyFrom(usage(event))
     return out
@@ -141,7 +151,8 @@ def reply(events: Sequence[TokenEvent], model: str, rid: str) -> moray_pb2.Gener
     """The whole completion: texts concatenated, one token id (and logprob) per event."""
     out = moray_pb2.GenerateReply(
         text="".join(e.text for e in events), token_ids=[e.token_id for e in events], model=model,
-        request_id=rid, logprobs=[lp for e in events if (lp := token_logprob(e)) is not None])
+        request_id=rid, logprobs=[lp for e in events if (lp := token_logprob(e)) is not None],
+        prompt_logprobs=prompt_logprobs(events[0]) if events else [])
     if events:
         out.finish_reason = events[-1].finish_reason or ""
         out.usage.CopyFrom(usage(events[-1]))

@@ -7,6 +7,11 @@ Serve handle, or an engine in this process) and formats the `TokenEvent`s as Ope
 Server-Sent Events. It runs as the Serve ingress deployment (`deploy/app.py`; the FastAPI app,
 `http.py`, is built per replica by `__serve_build_asgi_app__`) and in process (tests, bench).
 
+Prompt scores (the engine's `PromptLogprob`s, on a choice's first event) become `echo`'s logprobs of the
+prompt tokens (OpenAI's legacy shape: the first token's logprob and alternatives null) and vLLM's
+`prompt_logprobs` (per completion choice; per response in chat). `echo` with `max_tokens` 0 shows the
+prompt only: the one token the engine generated is left out of the text, logprobs, ids and usage.
+
 Every failure is an OpenAI error body (`errors.APIError`). Each choice's first token is awaited
 before a response starts, so a request the engine refuses is a real HTTP error; an error after
 that is a `data: {"error": ...}` event before `data: [DONE]`. The handle-callable methods
@@ -46,19 +51,24 @@ from moray.deploy.api.protocol import (
     Job,
     ModelCard,
     ModelList,
+    PromptLogprobs,
+    SamplingFields,
+    TokenLogprobs,
     Usage,
     chat_logprobs,
     chunk_dict,
     completion_logprobs,
     logprob_rows,
     now,
+    prompt_logprobs,
+    prompt_rows,
     usage,
     with_token_ids,
 )
 from moray.deploy.api.tools import ToolAnswer, ToolStream
 from moray.deploy.serve.config import ServerConfig
 from moray.model.config import MixtralConfig
-from moray.model.engine import GenerateRequest, TokenEvent
+from moray.model.engine import GenerateRequest, PromptLogprob, TokenEvent
 from moray.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -167,10 +177,31 @@ class OpenAIIngress(GrpcMixin):
     def _completion_choice(self, req: CompletionRequest, c: Choice) -> CompletionChoice:
         lp = None
         if req.logprobs is not None:
-            lp = completion_logprobs(logprob_rows(c.events), self.token_text, len(c.job.prompt_text))
-        choice = CompletionChoice(index=c.job.index, text=c.job.prompt_text + c.text, logprobs=lp,
-                                  finish_reason=c.finish_reason)
-        return with_token_ids(req, choice, c)  # type: ignore[no-any-return]
+            rows = self._echo_rows(req, c.job, c.prompt_scores)
+            rows += [] if c.job.score_only else logprob_rows(c.events)
+            lp = completion_logprobs(rows, self.token_text, 0)
+        text, finish = (c.job.prompt_text, "length") if c.job.score_only else (c.job.prompt_text + c.text,
+                                                                              c.finish_reason)
+        choice = CompletionChoice(index=c.job.index, text=text, logprobs=lp, finish_reason=finish)
+        return self._with_prompt_logprobs(req, with_token_ids(req, choice, c), c)
+
+    @staticmethod
+    def _echo_rows(req: CompletionRequest, job: Job, scores: Sequence[PromptLogprob]) -> list[TokenLogprobs]:
+        """The prompt's tokens as logprob rows when echo and logprobs ask for them, else none."""
+        if not req.echo or req.logprobs is None:
+            return []
+        return prompt_rows(job.prompt_ids, scores, req.logprobs)
+
+    def _prompt_logprobs(self, req: SamplingFields, c: Choice) -> PromptLogprobs | None:
+        if req.prompt_logprobs is None:
+            return None
+        return prompt_logprobs(c.prompt_scores, self.token_text, req.prompt_logprobs)
+
+    def _with_prompt_logprobs(self, req: CompletionRequest, choice: CompletionChoice,
+                              c: Choice) -> CompletionChoice:
+        if req.prompt_logprobs is not None:  # vLLM extension, on each completion choice
+            choice.prompt_logprobs = self._prompt_logprobs(req, c)  # type: ignore[attr-defined]
+        return choice
 
     async def _completion_chunks(self, req: CompletionRequest, started: Started,
                                  cid: str) -> AsyncIterator[dict]:
@@ -181,12 +212,22 @@ class OpenAIIngress(GrpcMixin):
                                               choices=choices, usage=use), req.include_usage)
 
         events = fanout.merge(started, self.config.request_timeout_s)
+        firsts: dict[str, TokenEvent] = {}
+        for e in started.read:
+            firsts.setdefault(e.request_id, e)
         for j in started.jobs:
-            if j.prompt_text:
-                yield chunk([CompletionChoice(index=j.index, text=j.prompt_text)])
+            if req.echo:
+                rows = self._echo_rows(req, j, firsts[j.request_id].prompt_logprobs or [])
+                lp = completion_logprobs(rows, self.token_text, 0) if rows else None
+                offsets[j.index] = sum(map(len, lp.tokens)) if lp is not None else offsets[j.index]
+                yield chunk([CompletionChoice(index=j.index, text=j.prompt_text, logprobs=lp)])
         seen: dict[int, Choice] = {}
         async for c, e in events:
             seen[c.job.index] = c
+            if c.job.score_only:  # only the echo: the generated token is not shown
+                yield chunk([with_token_ids(req, CompletionChoice(index=c.job.index, text="",
+                                                                  finish_reason="length"), c)])
+                continue
             lp = None
             if req.logprobs is not None:
                 lp = completion_logprobs(logprob_rows([e]), self.token_text, offsets[c.job.index])
@@ -208,7 +249,8 @@ class OpenAIIngress(GrpcMixin):
         choices = await self._collect(jobs)
         out = [self._chat_choice(req, c) for c in choices]
         return ChatCompletionResponse(id=f"chatcmpl-{rid}", model=self.served_model_name, choices=out,
-                                      usage=usage(choices))
+                                      usage=usage(choices),
+                                      prompt_logprobs=self._prompt_logprobs(req, choices[0]))
 
     def _chat_choice(self, req: ChatCompletionRequest, c: Choice) -> ChatChoice:
         lp = self._chat_logprobs(req, c.events)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoray/deploy/api/moray.proto\x12\x05moray\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xba\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x0f.moray.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x34\n\x12structured_outputs\x18\x0e \x01(\x0b\x32\x18.moray.StructuredOutputsB\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"f\n\x11StructuredOutputs\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\r\n\x05regex\x18\x02 \x01(\t\x12\x0e\n\x06\x63hoice\x18\x03 \x03(\t\x12\x0f\n\x07grammar\x18\x04 \x01(\t\x12\x13\n\x0bjson_object\x18\x05 \x01(\x08\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"Z\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\'\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x11.moray.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xae\x01\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12%\n\x08logprobs\x18\x03 \x03(\x0b\x32\x13.moray.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1b\n\x05usage\x18\x05 \x01(\x0b\x32\x0c.moray.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\"\x9d\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12$\n\x07logprob\x18\x03 \x01(\x0b\x32\x13.moray.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1b\n\x05usage\x18\x05 \x01(\x0b\x32\x0c.moray.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t2\x83\x01\n\x05Moray\x12\x38\n\x08Generate\x12\x16.moray.GenerateRequest\x1a\x14.moray.GenerateReply\x12@\n\x0eGenerateStream\x12\x16.moray.GenerateRequest\x1a\x14.moray.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoray/deploy/api/moray.proto\x12\x05moray\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xec\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x0f.moray.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x34\n\x12structured_outputs\x18\x0e \x01(\x0b\x32\x18.moray.StructuredOutputs\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\x05H\x07\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"f\n\x11StructuredOutputs\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\r\n\x05regex\x18\x02 \x01(\t\x12\x0e\n\x06\x63hoice\x18\x03 \x03(\t\x12\x0f\n\x07grammar\x18\x04 \x01(\t\x12\x13\n\x0bjson_object\x18\x05 \x01(\x08\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"Z\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\'\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x11.moray.TopLogprob\"i\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\'\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x11.moray.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xdd\x01\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12%\n\x08logprobs\x18\x03 \x03(\x0b\x32\x13.moray.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1b\n\x05usage\x18\x05 \x01(\x0b\x32\x0c.moray.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12-\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x14.moray.PromptLogprob\"\xcc\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12$\n\x07logprob\x18\x03 \x01(\x0b\x32\x13.moray.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1b\n\x05usage\x18\x05 \x01(\x0b\x32\x0c.moray.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12-\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x14.moray.PromptLogprob2\x83\x01\n\x05Moray\x12\x38\n\x08Generate\x12\x16.moray.GenerateRequest\x1a\x14.moray.GenerateReply\x12@\n\x0eGenerateStream\x12\x16.moray.GenerateRequest\x1a\x14.moray.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=39
   _globals['_TOKENIDS']._serialized_end=62
   _globals['_GENERATEREQUEST']._serialized_start=65
-  _globals['_GENERATEREQUEST']._serialized_end=507
-  _globals['_STRUCTUREDOUTPUTS']._serialized_start=509
-  _globals['_STRUCTUREDOUTPUTS']._serialized_end=611
-  _globals['_TOPLOGPROB']._serialized_start=613
-  _globals['_TOPLOGPROB']._serialized_end=660
-  _globals['_TOKENLOGPROB']._serialized_start=662
-  _globals['_TOKENLOGPROB']._serialized_end=752
-  _globals['_USAGE']._serialized_start=754
-  _globals['_USAGE']._serialized_end=833
-  _globals['_GENERATEREPLY']._serialized_start=836
-  _globals['_GENERATEREPLY']._serialized_end=1010
-  _globals['_GENERATECHUNK']._serialized_start=1013
-  _globals['_GENERATECHUNK']._serialized_end=1170
-  _globals['_MORAY']._serialized_start=1173
-  _globals['_MORAY']._serialized_end=1304
+  _globals['_GENERATEREQUEST']._serialized_end=557
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=559
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=661
+  _globals['_TOPLOGPROB']._serialized_start=663
+  _globals['_TOPLOGPROB']._serialized_end=710
+  _globals['_TOKENLOGPROB']._serialized_start=712
+  _globals['_TOKENLOGPROB']._serialized_end=802
+  _globals['_PROMPTLOGPROB']._serialized_start=804
+  _globals['_PROMPTLOGPROB']._serialized_end=909
+  _globals['_USAGE']._serialized_start=911
+  _globals['_USAGE']._serialized_end=990
+  _globals['_GENERATEREPLY']._serialized_start=993
+  _globals['_GENERATEREPLY']._serialized_end=1214
+  _globals['_GENERATECHUNK']._serialized_start=1217
+  _globals['_GENERATECHUNK']._serialized_end=1421
+  _globals['_MORAY']._serialized_start=1424
+  _globals['_MORAY']._serialized_end=1555
 # @@protoc_insertion_point(module_scope)

@@ -26,13 +26,14 @@ from moray.deploy.api.outputs import (
 )
 
 if TYPE_CHECKING:
-    from moray.model.engine import TokenEvent
+    from moray.model.engine import PromptLogprob, TokenEvent
     from moray.model.sampling import SamplingParams
 
 MAX_STOP = 4
 MAX_PROMPTS = 64  # prompts in one batched completion request (each is `n` engine requests)
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
+MAX_PROMPT_LOGPROBS = 20  # vLLM's default max_logprobs
 SEED_BOUND = 2**63  # seeds are in [-SEED_BOUND, SEED_BOUND); choice i samples with (seed + i) mod it
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (and moray's gRPC `Generate`)
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # a client's request id is kept when it fullmatches
@@ -66,6 +67,9 @@ class SamplingFields(OpenAIBaseModel):
     ignore_eos: bool = Field(False, description="Keep generating past EOS (vLLM extension).")
     return_token_ids: bool = Field(False, description="Choices carry `token_ids`, `prompt_token_ids` (vLLM).")
     n: int = Field(1, ge=1, description="Choices per prompt.")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_PROMPT_LOGPROBS,
+        description="Each prompt token's logprob, rank and the k most likely tokens (vLLM; not streamed).")
     stream: bool = Field(False, description="Send Server-Sent Events.")
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -91,16 +95,34 @@ class SamplingFields(OpenAIBaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def scored_prompt(self) -> int | None:
+        """How many alternatives the engine scores each prompt token with; None = no prompt scores."""
+        return self.prompt_logprobs
+
+    @property
+    def score_only(self) -> bool:
+        """The prompt is scored and nothing generated (completions' `echo` with `max_tokens` 0)."""
+        return False
+
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt = Field(description="A string, a list of token ids, or a batch of either.")
-    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1, description="Tokens to generate per choice.")
+    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=0,
+                                   description="Tokens to make per choice; 0 (with echo): score the prompt.")
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS,
                                  description="Log-probs of the chosen and the k most likely tokens.")
-    echo: bool = Field(False, description="Prepend the prompt to each choice's text.")
+    echo: bool = Field(False, description="Prepend the prompt (and with logprobs, its tokens' logprobs).")
+
+    def scored_prompt(self) -> int | None:
+        asked = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(asked, default=None)
+
+    @property
+    def score_only(self) -> bool:
+        return self.echo and self.max_tokens == 0
 
     @field_validator("prompt")
     @classmethod
@@ -175,6 +197,17 @@ class Usage(BaseModel):
     total_tokens: int = 0
 
 
+class PromptTokenLogprob(BaseModel):
+    """vLLM's `Logprob`: one entry of a prompt position's dict in `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None = None  # 1 = the most likely token there
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, PromptTokenLogprob] | None]  # one per prompt token; None for the first
+
+
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -236,6 +269,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM: the conversation's tokens, when asked for
 
 
 class ChatDelta(BaseModel):
@@ -295,6 +329,7 @@ class Job:
     params: SamplingParams
     request_id: str
     prompt_text: str = ""  # echoed before the completion
+    score_only: bool = False  # the one token generated is not shown (echo with max_tokens 0)
 
 
 @dataclass
@@ -309,13 +344,18 @@ class Choice:
 
     @property
     def token_ids(self) -> list[int]:
-        return [e.token_id for e in self.events]
+        return [] if self.job.score_only else [e.token_id for e in self.events]
+
+    @property
+    def prompt_scores(self) -> list[PromptLogprob]:
+        """The engine's scores of prompt tokens 1.. (on the first event, when the params asked)."""
+        return (self.events[0].prompt_logprobs or []) if self.events else []
 
 
 def usage(choices: Sequence[Choice]) -> Usage:
     """Prompt tokens counted once per prompt (not per choice), as OpenAI and vLLM do."""
     prompt = sum({id(c.job.prompt_ids): len(c.job.prompt_ids) for c in choices}.values())
-    completion = sum(len(c.events) for c in choices)
+    completion = sum(len(c.token_ids) for c in choices)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
@@ -327,6 +367,27 @@ def with_token_ids(req: SamplingFields, choice: Any, c: Choice) -> Any:
 
 def logprob_rows(events: Sequence[TokenEvent]) -> list[TokenLogprobs]:
     return [(e.token_id, e.logprob, e.top_logprobs) for e in events]
+
+
+def prompt_rows(prompt_ids: Sequence[int], scores: Sequence[PromptLogprob], k: int) -> list[TokenLogprobs]:
+    """The prompt's tokens as logprob rows (echo): the first has no logprob, the others their top k."""
+    first: TokenLogprobs = (prompt_ids[0], None, None)
+    return [first, *((s.token_id, s.logprob, s.top_logprobs[:k]) for s in scores)]
+
+
+def prompt_logprobs(scores: Sequence[PromptLogprob], token_text: Callable[[int], str],
+                    k: int) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs`: None for the first token, then {token id: {logprob, rank, decoded_token}}
+    holding the prompt token and the k most likely tokens at its position."""
+    out: PromptLogprobs = [None]
+    for s in scores:
+        entry = {s.token_id: PromptTokenLogprob(logprob=finite(s.logprob), rank=s.rank,
+                                                decoded_token=token_text(s.token_id))}
+        for rank, (t, lp) in enumerate(s.top_logprobs[:k], start=1):
+            entry.setdefault(t, PromptTokenLogprob(logprob=finite(lp), rank=rank,
+                                                   decoded_token=token_text(t)))
+        out.append(entry)
+    return out
 
 
 # ---- formatting helpers -----------------------------------------------------------------------------
@@ -341,7 +402,8 @@ def token_bytes(text: str) -> list[int]:
 
 def completion_logprobs(tokens: Sequence[TokenLogprobs], token_text: Callable[[int], str],
                         offset: int) -> CompletionLogprobs:
-    """Completions' logprobs: each position's chosen token and a dict of the top-k plus the chosen one."""
+    """Completions' logprobs: each position's chosen token and a dict of the top-k plus the chosen one
+    (a position without a logprob, the echoed prompt's first token, has null for both)."""
     out = CompletionLogprobs()
     for token_id, logprob, top in tokens:
         text = token_text(token_id)
@@ -349,7 +411,7 @@ def completion_logprobs(tokens: Sequence[TokenLogprobs], token_text: Callable[[i
         out.tokens.append(text)
         out.token_logprobs.append(logprob)
         alternatives = {token_text(t): finite(lp) for t, lp in (top or [])}
-        out.top_logprobs.append({**alternatives, text: logprob} if logprob is not None else alternatives)
+        out.top_logprobs.append({**alternatives, text: logprob} if logprob is not None else None)
         out.text_offset.append(offset)
         offset += len(text)
     return out

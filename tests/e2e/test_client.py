@@ -28,6 +28,7 @@ done = client.generate(sys.argv[3], max_tokens=10, temperature=0)
 streamed = "".join(client.stream(sys.argv[3], max_tokens=10, temperature=0))
 seeded = client.generate(sys.argv[3], max_tokens=10, temperature=0.9, seed=5)
 chat = client.chat(json.loads(sys.argv[4]), max_tokens=6, temperature=0)
+scored = client.generate(sys.argv[3], max_tokens=0, echo=True, prompt_logprobs=1)
 try:
     client.generate(sys.argv[3], temperature=-1)
     status = None
@@ -35,7 +36,7 @@ except APIError as e:
     status = e.status
 print(json.dumps({"text": done.text, "token_ids": done.token_ids, "finish_reason": done.finish_reason,
                   "usage": done.usage, "streamed": streamed, "seeded": seeded.text, "chat": chat.text,
-                  "models": client.models(), "error_status": status}))
+                  "models": client.models(), "error_status": status, "scored": scored.prompt_logprobs}))
 """
 
 
@@ -69,6 +70,8 @@ def test_second_driver_gets_the_http_completion(served_app: Any) -> None:
     assert got["chat"] == chat["choices"][0]["message"]["content"]
     assert got["models"] == [served_app.model_name]
     assert got["error_status"] == 400
+    scored = http(served_app, "/completions", prompt=PROMPT, max_tokens=0, echo=True, prompt_logprobs=1)
+    assert got["scored"] == scored["choices"][0]["prompt_logprobs"] and len(got["scored"]) > 1
 
 
 def test_readme_python_client_example(served_app: Any, readme: Any) -> None:

@@ -124,6 +124,23 @@ def test_chat_greedy_equals_in_process(client: openai.OpenAI, served_app: Served
         assert [t.logprob for t in got.top_logprobs] == pytest.approx([lp for _, lp in top], abs=1e-4)
 
 
+def test_prompt_scores_equal_transformers(served_app: ServedApp, teacher_forced: Any) -> None:
+    """Teacher-forced scores through 2 shards (`echo` + `logprobs`, `max_tokens` 0, the `openai` client)
+    equal transformers' MixtralForCausalLM log-softmax on the same checkpoint, for a prompt longer than
+    one prefill step (max_batch_tokens 512)."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    tokens = [1, *torch.randint(3, 32000, (599,), generator=torch.Generator().manual_seed(23)).tolist()]
+    hf = transformers.MixtralForCausalLM.from_pretrained(served_app.model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(hf(torch.tensor([tokens])).logits[0, :-1].float(), dim=-1)  # [599, V]
+    scored = teacher_forced(served_app.base_url, served_app.model_name, tokens)
+    want = expected.gather(-1, torch.tensor(tokens[1:])[:, None]).squeeze(-1)
+    assert torch.tensor(scored.logprobs).sub(want).abs().max().item() <= 1e-4
+    assert scored.argmax == expected.argmax(dim=-1).tolist()
+
+
 # ---- sampling options ---------------------------------------------------------------------------------
 SEEDED = {"max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "seed": 7}
 
@@ -424,13 +441,17 @@ def test_replicas_run_with_the_configured_threads_and_passive_omp_waits(served_a
 
 
 def test_readme_curl_examples(readme: Readme) -> None:
-    for name in ("curl-completion", "curl-chat-stream"):
+    for name in ("curl-completion", "curl-chat-stream", "curl-score"):
         script = readme(name)
         out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=TIMEOUT_S,
                              env={"PATH": "/usr/bin:/bin", "MORAY_API_KEY": ""})
         assert out.returncode == 0, out.stderr
         if name == "curl-completion":
             assert json.loads(out.stdout)["choices"][0]["text"] is not None
+        elif name == "curl-score":
+            choice = json.loads(out.stdout)["choices"][0]
+            assert choice["text"] == "The capital of France is Paris"
+            assert len(choice["logprobs"]["token_logprobs"]) == len(choice["prompt_logprobs"]) > 1
         else:
             assert out.stdout.rstrip().endswith("data: [DONE]")
 

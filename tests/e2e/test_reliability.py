@@ -464,6 +464,25 @@ def assert_resumed_equal(streams: list[Stream], wants: list[Stream]) -> None:
         assert usage_of(s) == usage_of(want) and usage_of(s)["completion_tokens"] == RESUME_TOKENS
 
 
+def test_prompt_scores_do_not_depend_on_what_runs_beside(resume_app: FaultApp, teacher_forced: Any) -> None:
+    """Deterministic mode, served: a prompt's teacher-forced scores (echo + logprobs) scored alone equal,
+    bit for bit, its scores taken while streams prefill and decode beside it (128 tokens a step, so its
+    prefill is chunked among theirs)."""
+    tokens = [1, *((7 * i * i + 3 * i) % 31000 + 3 for i in range(299))]
+    model = resume_app.config.served_model_name
+    alone = teacher_forced(resume_app.base_url, model, tokens)
+    bodies = [{**b, "max_tokens": 40, "stream_options": None} for b in resume_bodies()[:4]]
+
+    async def beside() -> tuple[Any, list[Stream]]:
+        scoring = asyncio.to_thread(teacher_forced, resume_app.base_url, model, tokens)
+        scored, streams = await asyncio.gather(scoring, all_streams(resume_app.base_url, bodies))
+        return scored, streams
+
+    scored, streams = asyncio.run(beside())
+    assert all(s.status == 200 and not s.errors() for s in streams)
+    assert scored == alone
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_streams_resume_when_their_dispatcher_dies(resume_app: FaultApp, replicas: int) -> None:
     """SIGKILL the dispatcher replica serving 8 streams (greedy and seeded): every stream finishes with

@@ -4,6 +4,7 @@ continuation requests (GenerateRequest.generated) resume a stream exactly."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,20 @@ def test_invariant_attention_padded_and_unpadded_tiles_agree() -> None:
         assert torch.equal(attend(q, kc, vc, batch), padded)
         assert (padded - paged_attention(q, kc, vc, batch)).abs().max().item() <= 1e-5
     assert len(attend._unpadded) == 1  # probed once (True here: the fast path; False falls back to tiles)
+
+
+def test_prompt_logprobs_do_not_depend_on_chunks_nor_neighbours(tiny_dir: Path) -> None:
+    """Prompt scores bit for bit: prefilled whole and alone, or in chunks of 7 beside other requests."""
+    scored = GenerateRequest(prompt(40, seed=9), replace(GREEDY, max_tokens=2, prompt_logprobs=4))
+    alone = asyncio.run(run(make_engine(tiny_dir), scored))
+    engine = make_engine(tiny_dir, max_batch_tokens=7)
+
+    async def among() -> list[TokenEvent]:
+        others = [run(engine, GenerateRequest(prompt(n, seed=n), GREEDY)) for n in (5, 13)]
+        got, *_ = await asyncio.gather(run(engine, scored), *others)
+        return got
+
+    got = asyncio.run(among())
+    assert alone[0].prompt_logprobs is not None and len(alone[0].prompt_logprobs) == 39
+    assert got[0].prompt_logprobs == alone[0].prompt_logprobs
+    assert numbers(got) == numbers(alone)

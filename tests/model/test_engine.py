@@ -131,3 +131,23 @@ def test_cancelled_stream_frees_its_blocks(tiny_dir: Path) -> None:
 
     asyncio.run(cancel_midway())
     assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["running"] == 0
+
+
+def test_prompt_logprobs_skip_the_prefix_cache(tiny_dir: Path) -> None:
+    """A request that scores its prompt computes every position, even one whose blocks are cached, and
+    gets what an engine without a prefix cache gives; a continuation does not score it again."""
+    tokens = prompts(1, seed=3)[0] * 2
+    scored = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+
+    def first_scores(engine: AsyncEngine, req: GenerateRequest) -> list[object]:
+        return asyncio.run(run(engine, req))[0].prompt_logprobs  # type: ignore[return-value]
+
+    cold = first_scores(make_engine(tiny_dir, prefix_caching=False), GenerateRequest(tokens, scored))
+    engine = make_engine(tiny_dir)
+    asyncio.run(run(engine, GenerateRequest(tokens, GREEDY)))  # fills the cache with this prompt
+    hits = engine.stats()["prefix_cache_hits"]
+    warm = first_scores(engine, GenerateRequest(tokens, scored))
+    assert engine.stats()["prefix_cache_hits"] == hits
+    assert len(cold) == len(tokens) - 1 and warm == cold
+    resumed = asyncio.run(run(engine, GenerateRequest(tokens, scored, generated=[5])))
+    assert [e.prompt_logprobs for e in resumed] == [None, None]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest
+from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, TokenEvent
 from moray.model.kv_cache import KVCache
 from moray.model.layers import StepBatch
 from moray.model.mixtral import load_local
@@ -83,3 +83,35 @@ def test_greedy_tokens_match_transformers_generate(ckpt: Path) -> None:
         return [e.token_id async for e in engine.generate(GenerateRequest(tokens, params))]
 
     assert asyncio.run(run()) == hf
+
+
+def test_prompt_logprobs_equal_transformers_log_softmax(ckpt: Path) -> None:
+    """The engine's prompt scores, prefilled in chunks of 8 beside another request, against transformers:
+    each token's log-softmax, its rank in the vocabulary and the top 3 at its position."""
+    tokens = prompt(23, seed=3)
+    with torch.no_grad():
+        expected = torch.log_softmax(hf_model(ckpt)(torch.tensor([tokens])).logits[0, :-1].float(), dim=-1)
+    model, experts = load_local(ckpt)
+    engine = AsyncEngine(model, experts, Tokenizer.from_model_dir(ckpt),
+                         EngineConfig(block_size=4, max_batch_tokens=8))
+    scored = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)
+    other = SamplingParams(max_tokens=4, temperature=0.0)
+
+    async def events_of(request: GenerateRequest) -> list[TokenEvent]:
+        return [e async for e in engine.generate(request)]
+
+    async def run() -> list[list[TokenEvent]]:
+        requests = [GenerateRequest(tokens, scored), GenerateRequest(prompt(11, seed=4), other)]
+        return await asyncio.gather(*(events_of(r) for r in requests))
+
+    events, _ = asyncio.run(run())
+    scores = events[0].prompt_logprobs
+    assert scores is not None and [s.token_id for s in scores] == tokens[1:]
+    assert all(e.prompt_logprobs is None for e in events[1:])
+    target = torch.tensor(tokens[1:])
+    want = expected.gather(-1, target[:, None]).squeeze(-1)
+    assert torch.tensor([s.logprob for s in scores]).sub(want).abs().max().item() <= 1e-4
+    assert [s.rank for s in scores] == ((expected > want[:, None]).sum(-1) + 1).tolist()
+    top, top_ids = expected.topk(3, dim=-1)
+    assert [[t for t, _ in s.top_logprobs] for s in scores] == top_ids.tolist()
+    assert torch.tensor([[lp for _, lp in s.top_logprobs] for s in scores]).sub(top).abs().max() <= 1e-4
