@@ -32,6 +32,7 @@ from moray.actors.replacement import DispatcherFollower
 from moray.actors.sharded import HandleLinks, Links, ShardedExperts
 from moray.model.config import MixtralConfig
 from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, TokenEvent
+from moray.model.kernels import KernelOptions
 from moray.model.mixtral import Mixtral
 from moray.model.tokenizer import Tokenizer
 from moray.model.weights import load_attention
@@ -43,9 +44,10 @@ class Dispatcher:
     def __init__(self, model_dir: str, placement: Placement, shards: Sequence[Any],
                  engine_config: EngineConfig, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
                  num_threads: int = 1, shard_timeout_s: float = 60.0, transport: Transport = "auto",
-                 group: str | None = None, board: str | None = None) -> None:
+                 group: str | None = None, board: str | None = None,
+                 kernels: KernelOptions = KernelOptions()) -> None:
         """With a placement `board`, the placement in force there (and every later one) replaces
-        `placement`."""
+        `placement`. `kernels`: the attention side's quantization and kernel choice."""
         setup_actor_logging()
         torch.set_num_threads(num_threads)
         cfg = MixtralConfig.load(model_dir)
@@ -53,7 +55,9 @@ class Dispatcher:
         version, placement = self.follower.begin(placement) if self.follower else (0, placement)
         placement.validate(cfg.n_layers, cfg.n_experts)
         weights = load_attention(model_dir, dtype=resolve_dtype(dtype), device=device)
-        self.model = Mixtral(cfg, weights.tensors, deterministic=engine_config.deterministic)
+        self.kernels = kernels.kernels(attention=True, deterministic=engine_config.deterministic)
+        self.model = Mixtral(cfg, weights.tensors, deterministic=engine_config.deterministic,
+                             kernels=self.kernels)
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
         links = self._links(cfg, placement, shards, engine_config, resolve_dtype(dtype), transport, group)
         self.experts = ShardedExperts(placement, links, shard_timeout_s, version)
@@ -83,6 +87,7 @@ class Dispatcher:
 
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), **self.experts.stats(), "param_bytes": self.model.param_bytes(),
+                "kernels": self.kernels.report(),
                 "param_names": self.model.param_names(), "pid": os.getpid()}
 
     def close(self) -> None:

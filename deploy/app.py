@@ -134,7 +134,7 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
     shards = [shard.options(name=shard_name(g),
                             ray_actor_options={"num_cpus": config.shard_cpus, **_gpus(config)})
               .bind(path, g, plan.shard_experts(g), dtype=dtype, device=device, group=group, board=board,
-                    deterministic=config.deterministic)
+                    deterministic=config.deterministic, kernels=config.kernel_options())
               for g in range(plan.num_shards)]
     dispatcher_cpus = {"num_cpus": config.dispatcher_cpus, **_gpus(config)}
     dispatcher: Any = serve.deployment(ServedDispatcher, name=DISPATCHER, **DISPATCHER_OPTIONS,
@@ -147,7 +147,7 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
                                 config.rebalance_margin)
     engine = dispatcher.bind(path, plan, shards, engine_config(config), dtype=dtype, device=device,
                              transport=config.transport, group=group, board=board, rebalance=rebalance,
-                             shard_timeout_s=config.shard_timeout_s)
+                             shard_timeout_s=config.shard_timeout_s, kernels=config.kernel_options())
     return ingress.bind(engine, config, path)
 
 

@@ -75,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", help="bearer token clients must send (default $MORAY_API_KEY)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--quantization", choices=["none", "int8"],
+                   help="int8: expert weights as weight-only int8, made at load (default none)")
+    p.add_argument("--quantize-attention", action="store_true", default=None,
+                   help="with --quantization int8: the attention and lm_head linears too")
+    p.add_argument("--kernel", choices=["onednn", "dense", "int8", "int8-bf16", "int8-dequant"],
+                   help="force one linear kernel (default: the fastest measured here, cached per machine)")
     p.add_argument("--served-model-name", help="model id clients send")
     p.add_argument("--verbose", action="store_true", help="stream the replicas' logs to this console")
     p.add_argument("--rebalance-interval", dest="rebalance_interval_s", type=float,
@@ -86,7 +92,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
     names = ("model", "host", "port", "grpc_port", "num_shards", "placement", "autoscaling", "pingpong",
              "transport", "deterministic", "shard_timeout_s",
              "max_num_seqs", "max_waiting", "api_key", "device", "dtype", "served_model_name",
-             "rebalance_interval_s", "redundant_experts")
+             "rebalance_interval_s", "redundant_experts", "quantization", "quantize_attention", "kernel")
     return ServerConfig.load(args.config, {n: getattr(args, n) for n in names})
 
 
