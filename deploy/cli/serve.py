@@ -127,6 +127,20 @@ def check_startup(config: Any, local: bool) -> tuple[str, Any]:
     return path, plan
 
 
+def _expert_memory(config: Any, num_shards: int) -> str:
+    """The resident expert bytes each shard replica reports (`moray status` shows them too)."""
+    from moray.deploy.cli.status import replica_megabytes
+    from moray.deploy.serve.state import shard_name, shard_reports
+
+    try:
+        per_shard = [replica_megabytes(shard_reports(config.app_name, shard_name(g), 10.0))
+                     for g in range(num_shards)]
+    except Exception as e:  # noqa: BLE001 - the server runs either way; say why the figure is missing
+        return f"expert MB per replica unknown ({one_line(e)})"
+    kind = "int8" if config.quantization == "int8" else str(config.resolved_dtype()).removeprefix("torch.")
+    return f"expert weights per shard replica ({kind}): " + ", ".join(f"{mb} MB" for mb in per_shard)
+
+
 def local_cpus(config: Any, num_shards: int) -> int:
     """Logical CPUs for a local Ray: every actor's reservation at its largest replica count, or the cores.
     `num_shards`: the placement's (a `--placement` file sets it, not `--num-shards`)."""
@@ -150,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("model %s (%s), %d expert shards, device %s", config.served_model_name, path,
                  plan.num_shards, config.resolved_device())
         app = run_app(config)
-        log.info("ready: %s; %s; Ctrl-C stops", "; ".join(app.addresses()), ray_info)
+        log.info("ready: %s; %s; %s; Ctrl-C stops", "; ".join(app.addresses()), ray_info,
+                 _expert_memory(config, plan.num_shards))
         stop.wait()
         log.info("shutting down")
         return 0
