@@ -34,6 +34,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 PROBE_ROWS = (1, 4, 16, 64)  # the row buckets timed: decode (1..16 in flight) to small prefill chunks
+MIN_PROBE_BYTES = 1 << 20  # smaller weights take the default kernel: their µs timings would be noise
 GIVE_UP = 4.0  # a probed kernel this many times slower than the best is timed once only
 PACK_BATCH = 16  # the row count oneDNN's weight layout is chosen for (fast from 1 to ~64 rows)
 FLOAT_KERNELS = ("onednn", "dense")  # oneDNN-packed (fp32; bf16 where the CPU has bf16), `F.linear`
@@ -162,7 +163,7 @@ class Kernels:
                 raise ValueError(f"kernel {self.force!r} cannot compute {key} here (this machine has "
                                  f"{', '.join(options)})")
             return Choice(_layout(self.force), ((PROBE_ROWS[-1], self.force),), {})
-        if not self.probe or len(options) == 1:
+        if not self.probe or len(options) == 1 or w.numel() * w.element_size() < MIN_PROBE_BYTES:
             first = options[0]
             return Choice(_layout(first), ((PROBE_ROWS[-1], first),), {})
         cache = ChoiceCache(self.cache_dir or default_cache_dir())

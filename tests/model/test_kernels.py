@@ -68,11 +68,11 @@ def test_int8_is_symmetric_per_output_channel() -> None:
 
 
 def test_probe_times_the_candidates_and_caches_the_choice(tmp_path: Path) -> None:
-    w = weight(64, 48)
+    w = weight(512, 512)  # MIN_PROBE_BYTES: smaller ones are not probed
     kernels = Kernels(cache_dir=tmp_path)
     packed = pack_linear(w, kernels)
     (key, entry), = kernels.report().items()
-    assert key == "float:float32:64x48"
+    assert key == "float:float32:512x512"
     assert set(entry["ms"]) == {str(r) for r in PROBE_ROWS}  # type: ignore[arg-type]
     assert all(set(t) == set(candidates(False, torch.float32)) for t in entry["ms"].values())  # type: ignore[attr-defined]
     assert packed.is_mkldnn == (entry["layout"] == "onednn")
@@ -89,10 +89,17 @@ def test_probe_times_the_candidates_and_caches_the_choice(tmp_path: Path) -> Non
 
 
 def test_int8_probe_chooses_per_row_bucket_among_int8_kernels(tmp_path: Path) -> None:
-    packed = pack_linear(weight(64, 48), Kernels(quantize=True, cache_dir=tmp_path))
+    packed = pack_linear(weight(512, 512), Kernels(quantize=True, cache_dir=tmp_path))
     assert isinstance(packed, Int8Linear)
     assert [rows for rows, _ in packed.by_rows] == list(PROBE_ROWS)
     assert {k for _, k in packed.by_rows} <= set(INT8_KERNELS)
+
+
+def test_small_weights_take_the_default_kernel_unprobed(tmp_path: Path) -> None:
+    kernels = Kernels(cache_dir=tmp_path)
+    assert pack_linear(weight(64, 48), kernels).is_mkldnn == (candidates(False, torch.float32)[0] == "onednn")
+    assert kernels.report()["float:float32:64x48"]["ms"] == {}
+    assert not any(tmp_path.iterdir())  # nothing measured, nothing cached
 
 
 def test_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
