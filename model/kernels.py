@@ -5,12 +5,13 @@ Which kernel is fastest for `y = x · wᵀ` depends on the CPU, the weight's sha
 measured per matmul, oneDNN's packed fp32 beats MKL's `F.linear` from 4 rows on an AVX2 EPYC but not at
 1 row on an AMX Xeon, and int8 weight-only (`aten._weight_int8pack_mm`) wins decode there but loses at
 16 rows (issues 21, 23). So `Kernels.pack` times the candidates for the weight's dtype on this machine
-(`CANDIDATES`) at the row buckets `PROBE_ROWS` and keeps the fastest; the choice is cached in a small
+(`candidates`) at the row buckets `PROBE_ROWS` and keeps the fastest; the choice is cached in a small
 JSON file keyed by the CPU (model and flags), torch's version and the thread count.
 
 A weight is held in one layout (two would double the memory of the experts), so where candidates need
 different layouts (oneDNN's blocked fp32 vs a plain tensor) the layout is chosen per shape by the least
-time summed over the buckets; kernels that share a layout (the int8 ones) are chosen per bucket.
+slowdown against each bucket's best, summed over the buckets; kernels that share a layout (the int8
+ones) are chosen per bucket.
 
 Shape letters: M rows of a call, N output features, K input features.
 """
@@ -280,11 +281,15 @@ def _best_ms(fn: Callable[[], object], reps: int) -> float:
 
 
 def _fastest(ms: dict[str, dict[str, float]]) -> Choice:
-    """The layout with the least time summed over the buckets; per bucket, its fastest kernel."""
+    """The layout with the least slowdown summed over the buckets (time / the bucket's best time, so a
+    1-row bucket counts as much as a 64-row one); per bucket, that layout's fastest kernel."""
     kernels = list(next(iter(ms.values())))
-    total = {lay: sum(min(t[k] for k in kernels if _layout(k) == lay) for t in ms.values())
-             for lay in {_layout(k) for k in kernels}}
-    layout = min(sorted(total), key=total.__getitem__)
+
+    def slowdown(layout: str) -> float:
+        return sum(min(t[k] for k in kernels if _layout(k) == layout) / max(min(t.values()), 1e-9)
+                   for t in ms.values())
+
+    layout = min(sorted({_layout(k) for k in kernels}), key=slowdown)
     mine = [k for k in kernels if _layout(k) == layout]
     by_rows = tuple((int(rows), min(mine, key=t.__getitem__)) for rows, t in ms.items())
     return Choice(layout, by_rows, ms)
