@@ -30,6 +30,7 @@ from moray.actors.logs import setup_actor_logging
 from moray.actors.placement import Placement
 from moray.actors.replacement import DispatcherFollower
 from moray.actors.sharded import HandleLinks, Links, ShardedExperts
+from moray.actors.threads import set_threads, thread_report
 from moray.model.config import MixtralConfig
 from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, TokenEvent
 from moray.model.kernels import KernelOptions
@@ -49,7 +50,7 @@ class Dispatcher:
         """With a placement `board`, the placement in force there (and every later one) replaces
         `placement`. `kernels`: the attention side's quantization and kernel choice."""
         setup_actor_logging()
-        torch.set_num_threads(num_threads)
+        set_threads(num_threads)  # 0: all the node's cores
         cfg = MixtralConfig.load(model_dir)
         self.follower = DispatcherFollower(PlacementBoard(board)) if board else None
         version, placement = self.follower.begin(placement) if self.follower else (0, placement)
@@ -81,6 +82,12 @@ class Dispatcher:
         async for event in self.engine.generate(request):
             yield event
 
+    async def generate_steps(self, requests: list[GenerateRequest]) -> AsyncIterator[list[TokenEvent]]:
+        """Several requests as one stream, one item per engine step (what the served ingress calls: a
+        request's n choices cost one streamed message a step, not n)."""
+        async for events in self.engine.generate_steps(requests):
+            yield events
+
     async def complete(self, request: GenerateRequest) -> list[TokenEvent]:
         """The whole generation at once (for callers that do not stream)."""
         return [event async for event in self.engine.generate(request)]
@@ -88,7 +95,7 @@ class Dispatcher:
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), **self.experts.stats(), "param_bytes": self.model.param_bytes(),
                 "kernels": self.kernels.report(),
-                "param_names": self.model.param_names(), "pid": os.getpid()}
+                "param_names": self.model.param_names(), "pid": os.getpid(), **thread_report()}
 
     def close(self) -> None:
         """Leave the placement board (a coordinator stops waiting for this dispatcher) and close the data

@@ -31,6 +31,7 @@ from moray.actors.dataplane.endpoint import ShardEndpoint
 from moray.actors.dataplane.frames import Limits
 from moray.actors.logs import setup_actor_logging
 from moray.actors.replacement import ShardFollower
+from moray.actors.threads import set_threads, thread_report
 from moray.model.config import MixtralConfig
 from moray.model.experts import ExpertBank
 from moray.model.kernels import KernelOptions
@@ -67,7 +68,7 @@ class ExpertShard:
         that starts during a move loads the old and the new experts of its shard). `kernels`: quantization
         and kernel choice; this replica quantizes (and probes kernels for) only the experts it holds."""
         setup_actor_logging()
-        torch.set_num_threads(num_threads)
+        set_threads(num_threads)  # 0: all the node's cores
         self.shard_id, self.device = shard_id, torch.device(device)
         self.model_dir, self.dtype, self.deterministic = model_dir, resolve_dtype(dtype), deterministic
         self.cfg = MixtralConfig.load(model_dir)
@@ -231,6 +232,7 @@ class ExpertShard:
             "kernels": self.kernels.report(),
             "placement": self.holding.tag,
             "busy_s": self.busy_s,
+            **thread_report(),
         }
 
 

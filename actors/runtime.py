@@ -27,6 +27,7 @@ from moray.actors.dispatcher import Dispatcher
 from moray.actors.experts import ExpertShard
 from moray.actors.placement import Placement
 from moray.actors.rebalance import MoveResult, Timeouts, rebalance
+from moray.actors.threads import WaitPolicy, runtime_env
 from moray.model.config import MixtralConfig
 from moray.model.engine import EngineConfig, GenerateRequest, TokenEvent
 
@@ -42,7 +43,8 @@ class RuntimeOptions:
     dispatcher_cpus: float = 1.0
     shard_resources: dict[str, float] = field(default_factory=dict)  # extra custom resources per shard
     dispatcher_resources: dict[str, float] = field(default_factory=dict)
-    threads: int = 1
+    threads: int = 1  # torch threads per actor; 0: all the node's cores (actors/threads.py)
+    omp_wait_policy: WaitPolicy = "passive"  # how OpenMP's threads wait between parallel regions
     transport: Transport = "auto"  # auto: shared memory on a node, TCP across; socket: TCP; ray: actor calls
 
 
@@ -113,7 +115,8 @@ def start_runtime(model_dir: str, num_shards: int, engine_config: EngineConfig,
     shard_cls = ray.remote(ExpertShard)
     shards = [
         shard_cls.options(num_cpus=opts.shard_cpus, num_gpus=1 if gpu else 0, resources=opts.shard_resources,
-                          scheduling_strategy=in_bundle(s + 1), max_restarts=-1, max_task_retries=0)
+                          scheduling_strategy=in_bundle(s + 1), max_restarts=-1, max_task_retries=0,
+                          runtime_env=runtime_env(opts.omp_wait_policy))
         .remote(model_dir, s, placement.shard_experts(s), dtype=opts.dtype, device=opts.device,
                 num_threads=opts.threads, group=dataplane, deterministic=engine_config.deterministic,
                 board=name)
@@ -121,7 +124,7 @@ def start_runtime(model_dir: str, num_shards: int, engine_config: EngineConfig,
     ]
     dispatcher = ray.remote(Dispatcher).options(
         num_cpus=opts.dispatcher_cpus, num_gpus=1 if gpu else 0, resources=opts.dispatcher_resources,
-        scheduling_strategy=in_bundle(0), max_concurrency=1000,
+        scheduling_strategy=in_bundle(0), max_concurrency=1000, runtime_env=runtime_env(opts.omp_wait_policy),
     ).remote(model_dir, placement, shards, engine_config, dtype=opts.dtype, device=opts.device,
              num_threads=opts.threads, transport=opts.transport, group=dataplane, board=name)
     ray.get([s.info.remote() for s in shards] + [dispatcher.stats.remote()])

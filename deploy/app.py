@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from moray.actors.placement import Placement
+from moray.actors.threads import runtime_env
 from moray.deploy.api.grpc_server import GrpcServer
 from moray.deploy.api.ingress import OpenAIIngress
 from moray.deploy.serve.autoscaling import autoscaling_config
@@ -75,8 +76,11 @@ def placement(config: ServerConfig, model: MixtralConfig) -> Placement:
     return plan
 
 
-def _gpus(config: ServerConfig) -> dict[str, Any]:
-    return {"num_gpus": 1} if config.resolved_device() == "cuda" else {}
+def _process(config: ServerConfig) -> dict[str, Any]:
+    """Ray options of a dispatcher or shard replica's process: its GPU, OpenMP's wait policy."""
+    env = runtime_env(config.omp_wait_policy)
+    return {**({"num_gpus": 1} if config.resolved_device() == "cuda" else {}),
+            **({"runtime_env": env} if env else {})}
 
 
 def _shard_scaling(config: ServerConfig) -> dict[str, Any]:
@@ -132,11 +136,12 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
     shard: Any = serve.deployment(ServedExpertShard, **SHARD_OPTIONS, **_shard_scaling(config),
                                   request_router_config=shard_router_config())
     shards = [shard.options(name=shard_name(g),
-                            ray_actor_options={"num_cpus": config.shard_cpus, **_gpus(config)})
+                            ray_actor_options={"num_cpus": config.shard_cpus, **_process(config)})
               .bind(path, g, plan.shard_experts(g), dtype=dtype, device=device, group=group, board=board,
-                    deterministic=config.deterministic, kernels=config.kernel_options())
+                    deterministic=config.deterministic, num_threads=config.torch_threads,
+                    kernels=config.kernel_options())
               for g in range(plan.num_shards)]
-    dispatcher_cpus = {"num_cpus": config.dispatcher_cpus, **_gpus(config)}
+    dispatcher_cpus = {"num_cpus": config.dispatcher_cpus, **_process(config)}
     dispatcher: Any = serve.deployment(ServedDispatcher, name=DISPATCHER, **DISPATCHER_OPTIONS,
                                        ray_actor_options=dispatcher_cpus, **_dispatcher_scaling(config))
     ingress: Any = serve.deployment(serve.ingress()(OpenAIIngress), **INGRESS_OPTIONS)
@@ -147,7 +152,8 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
                                 config.rebalance_margin)
     engine = dispatcher.bind(path, plan, shards, engine_config(config), dtype=dtype, device=device,
                              transport=config.transport, group=group, board=board, rebalance=rebalance,
-                             shard_timeout_s=config.shard_timeout_s, kernels=config.kernel_options())
+                             shard_timeout_s=config.shard_timeout_s, num_threads=config.torch_threads,
+                             kernels=config.kernel_options())
     return ingress.bind(engine, config, path)
 
 

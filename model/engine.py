@@ -2,7 +2,8 @@
 
 Each step runs the prefill chunks and decodes of all running sequences as one `StepBatch`
 (optionally in two ping-pong halves, so one half's attention runs while the other's experts do),
-samples every sequence at once, and streams `TokenEvent`s to each request's queue. A finished
+samples every sequence at once, and streams `TokenEvent`s to each request's queue (requests
+streamed together share one, so a step's tokens for all of them are read as one item). A finished
 or cancelled sequence frees its KV blocks at once. No Ray here: the dispatcher wraps this engine
 with an expert backend that calls the shards.
 """
@@ -97,7 +98,8 @@ class StepTimes:
 
 
 class Sequence:
-    def __init__(self, request: GenerateRequest, tokenizer: Tokenizer, seed: int) -> None:
+    def __init__(self, request: GenerateRequest, tokenizer: Tokenizer, seed: int,
+                 queue: asyncio.Queue[TokenEvent | BaseException]) -> None:
         self.request = request
         self.params = request.params
         self.tokens = list(request.prompt_ids)
@@ -106,7 +108,7 @@ class Sequence:
         self.blocks: list[int] = []
         self.hashes: list[int] = []
         self.num_computed = 0
-        self.queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        self.queue = queue  # shared by the requests streamed together (`generate_steps`)
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids=self.tokens)
         self.text = ""
         self.emitted = 0  # chars of `text` already sent
@@ -143,20 +145,40 @@ class AsyncEngine:
 
     # ---- requests -------------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        seq = self._submit(request)
+        steps = self.generate_steps([request])
         try:
-            while True:
-                item = await seq.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for events in steps:
+                for event in events:
+                    yield event
         finally:
-            if not seq.done:
-                self._finish(seq)
+            await steps.aclose()  # type: ignore[attr-defined]  # an async generator
 
-    def _submit(self, request: GenerateRequest) -> Sequence:
+    async def generate_steps(self, requests: list[GenerateRequest]) -> AsyncIterator[list[TokenEvent]]:
+        """Several requests as one stream: each item holds every event produced since the last one, so
+        the tokens one step gives all of them (n > 1 choices, a batch of prompts) travel together."""
+        queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        seqs: list[Sequence] = []
+        try:
+            for request in requests:
+                seqs.append(self._submit(request, queue))
+            live = len(seqs)
+            while live:
+                items = [await queue.get()]
+                while not queue.empty():  # the rest of the step (or steps) already done
+                    items.append(queue.get_nowait())
+                events: list[TokenEvent] = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    events.append(item)
+                    live -= item.finish_reason is not None
+                yield events
+        finally:
+            for seq in seqs:
+                if not seq.done:
+                    self._finish(seq)
+
+    def _submit(self, request: GenerateRequest, queue: asyncio.Queue[TokenEvent | BaseException]) -> Sequence:
         n, p = len(request.prompt_ids), request.params
         if n == 0:
             raise RequestError("the prompt is empty")
@@ -176,7 +198,7 @@ class AsyncEngine:
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
         seed = p.seed if p.seed is not None else secrets.randbits(62)
-        seq = Sequence(request, self.tokenizer, seed)
+        seq = Sequence(request, self.tokenizer, seed, queue)
         self._replay(seq, request.generated)
         self.waiting.append(seq)
         self._ensure_loop()

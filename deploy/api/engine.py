@@ -5,12 +5,16 @@
 dead, Serve's state for health, status and routing counts); `LocalEngine` wraps an `AsyncEngine` in
 this process (tests, the benchmark), where there is no Serve state to report.
 
-Closing a `generate` stream before its end (client gone, timeout, error) frees the engine's sequence.
+One request's engine jobs (its n choices, its prompts) travel as ONE stream, `generate_steps`: each
+streamed item is the list of events produced since the last one, that is all the tokens an engine
+step gave these jobs (vLLM's engine core likewise sends one message per step). Serve's streaming
+costs tens of µs of Python per item on each end, so a request with n choices costs one item a step,
+not n. Closing a stream before its end (client gone, timeout, error) frees the engine's sequences.
 
-Streams survive their dispatcher: `ServeEngine.generate` remembers the tokens it has passed on, and
-when the call fails because the dispatcher replica died (not because of an error raised inside it),
+Streams survive their dispatcher: `ServeEngine.generate_steps` remembers the tokens it has passed on,
+and when the call fails because the dispatcher replica died (not because of an error raised inside it),
 it waits for a live replica (another one, or Serve's replacement) up to `resume_timeout_s` and sends
-the request again as a continuation (`GenerateRequest.generated`: the prompt and the delivered
+the unfinished requests again as continuations (`GenerateRequest.generated`: the prompt and the delivered
 tokens are prefilled, sampling continues at the same position, stop rules see the delivered text,
 usage counts the whole request). The caller sees a pause, never a repeated or skipped token. A
 stream whose client has gone is closed here first, so it is never resumed.
@@ -40,8 +44,9 @@ RESUME_POLL_S = 0.1  # how often a stream waiting to resume looks for a live dis
 class EngineClient(Protocol):
     """The engine as the API sees it."""
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        """The request's events; raises the engine's own errors (RequestError, QueueFullError, ...)."""
+    def generate_steps(self, requests: list[GenerateRequest]) -> AsyncIterator[list[TokenEvent]]:
+        """The requests' events, one list per engine step (all the tokens a step gave them); raises the
+        engine's own errors (RequestError, QueueFullError, ...)."""
         ...
 
     async def stats(self) -> dict[str, Any]:
@@ -69,17 +74,22 @@ class ServeEngine:
         self.watch = DispatcherWatch(lambda: self.handle.check_health.remote())
         self.resumed = 0  # streams continued on another dispatcher replica
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+    async def generate_steps(self, requests: list[GenerateRequest]) -> AsyncIterator[list[TokenEvent]]:
         self.watch.check()
         if self.resume_timeout_s > 0:
-            request = _seeded(request)
-        delivered, attempt, deadline = list(request.generated), request, 0.0
+            requests = [_seeded(r) for r in requests]
+        delivered = {r.request_id: list(r.generated) for r in requests}
+        unfinished = {r.request_id: r for r in requests}
+        attempt, deadline = requests, 0.0
         while True:
-            response, finished = self.handle.generate.options(stream=True).remote(attempt), False
+            response, finished = self.handle.generate_steps.options(stream=True).remote(attempt), False
             try:
-                async for event in response:
-                    delivered.append(event.token_id)
-                    yield event
+                async for events in response:
+                    for event in events:
+                        delivered[event.request_id].append(event.token_id)
+                        if event.finish_reason is not None:
+                            unfinished.pop(event.request_id, None)
+                    yield events
                 finished = True
                 return
             except Exception as e:
@@ -87,14 +97,14 @@ class ServeEngine:
                 if not actor_died(e) or self.resume_timeout_s <= 0:
                     raise unwrap(e) from None
                 deadline = deadline or time.monotonic() + self.resume_timeout_s
-                log.warning("request %s: its dispatcher died after %d tokens; resuming on a live replica",
-                            request.request_id, len(delivered) - len(request.generated))
+                log.warning("requests %s: their dispatcher died; resuming on a live replica",
+                            ", ".join(unfinished))
             finally:
                 if not finished:
                     response.cancel()
             await self._until_live(deadline)
-            attempt = dataclasses.replace(request, generated=list(delivered))
-            self.resumed += 1
+            attempt = [dataclasses.replace(r, generated=list(delivered[i])) for i, r in unfinished.items()]
+            self.resumed += len(attempt)
 
     async def _until_live(self, deadline: float) -> None:
         """Wait until a dispatcher replica answers again (the watch's probe); past `deadline`, 503."""
@@ -143,11 +153,11 @@ class LocalEngine:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        stream = self.engine.generate(request)
+    async def generate_steps(self, requests: list[GenerateRequest]) -> AsyncIterator[list[TokenEvent]]:
+        stream = self.engine.generate_steps(requests)
         try:
-            async for event in stream:
-                yield event
+            async for events in stream:
+                yield events
         finally:
             await stream.aclose()  # type: ignore[attr-defined]  # an async generator
 

@@ -1,24 +1,35 @@
 """One request's choices run side by side: start them all, merge their events, time them.
 
-Each choice's first token is awaited before a response starts (`start`), so a request the engine
-refuses is a real error, not a broken stream; then `merge` yields every choice's events as they
-come, recorded in `Choice`s, and cancels what is left when the caller stops. Both are bounded by
-the server's `request_timeout_s` (504).
+A request's jobs (its choices and prompts) come from the engine as one stream whose items each hold
+an engine step's events for all of them (`EngineClient.generate_steps`). Each job's first token is
+awaited before a response starts (`start`), so a request the engine refuses is a real error, not a
+broken stream; then `merge` yields every job's events as they come, recorded in `Choice`s, and closes
+the stream (the engine cancels what is left) when the caller stops. Both are bounded by the server's
+`request_timeout_s` (504).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from moray.deploy.api.errors import APIError, to_api_error
 from moray.deploy.api.protocol import Choice, Job, usage
 from moray.deploy.serve import metrics
 from moray.model.engine import TokenEvent
 
-Started = tuple[Job, TokenEvent, AsyncIterator[TokenEvent]]
-StreamOf = Callable[[Job], AsyncIterator[TokenEvent]]
+Steps = AsyncIterator[list[TokenEvent]]  # every job's events, one list per engine step
+
+
+@dataclass
+class Started:
+    """A request whose every job has produced its first event: the events read so far, and the rest."""
+
+    jobs: list[Job]
+    read: list[TokenEvent]
+    steps: Steps
 
 
 class Timer:
@@ -41,68 +52,61 @@ class Timer:
         metrics.record_tokens(u.prompt_tokens, u.completion_tokens)
 
 
-async def start(jobs: list[Job], stream_of: StreamOf, timeout_s: float) -> list[Started]:
-    """Submit every choice and await each one's first event: refusals surface before any output."""
-    streams = [stream_of(j) for j in jobs]
-    firsts_of_all = asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
-    try:
-        firsts = await asyncio.wait_for(firsts_of_all, timeout_s)
-    except asyncio.TimeoutError:
-        firsts = [APIError(504, f"the request did not start within {timeout_s:g} s")]
-    failed = next((f for f in firsts if isinstance(f, BaseException)), None)
-    if failed is not None:
-        await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)  # type: ignore[attr-defined]
-        raise to_api_error(failed)
-    return [(j, f, s) for j, f, s in zip(jobs, firsts, streams, strict=True)]  # type: ignore[misc]
+async def start(jobs: list[Job], steps: Steps, timeout_s: float) -> Started:
+    """Read the jobs' stream until each has its first event: refusals surface before any output."""
+    read: list[TokenEvent] = []
 
+    async def firsts() -> None:
+        waiting = {j.request_id for j in jobs}
+        while waiting:
+            events = await anext(steps)
+            read.extend(events)
+            waiting -= {e.request_id for e in events}
 
-async def _pump(queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]], job: Job,
-                first: TokenEvent, rest: AsyncIterator[TokenEvent]) -> None:
-    """One choice's events into the shared queue, then None (or the error that ended it)."""
     try:
-        queue.put_nowait((job.index, first))
-        if first.finish_reason is None:
-            async for event in rest:
-                queue.put_nowait((job.index, event))
+        await asyncio.wait_for(firsts(), timeout_s)
     except Exception as e:
-        queue.put_nowait((job.index, e))
-    finally:
-        queue.put_nowait((job.index, None))
-        await rest.aclose()  # type: ignore[attr-defined]
+        await steps.aclose()  # type: ignore[attr-defined]  # an async generator
+        if isinstance(e, asyncio.TimeoutError):
+            raise APIError(504, f"the request did not start within {timeout_s:g} s") from None
+        raise to_api_error(e) from None
+    return Started(jobs, read, steps)
 
 
-async def merge(started: list[Started], timeout_s: float) -> AsyncIterator[tuple[Choice, TokenEvent]]:
-    """All choices' events as they come, recorded in `Choice`s; cancels the rest on exit."""
-    choices = {j.index: Choice(j) for j, _, _ in started}
-    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
-    tasks = [asyncio.create_task(_pump(queue, *s)) for s in started]
-    timer, live, deadline = Timer(), len(tasks), time.monotonic() + timeout_s
+async def merge(started: Started, timeout_s: float) -> AsyncIterator[tuple[Choice, TokenEvent]]:
+    """All jobs' events as they come, recorded in `Choice`s; closes the stream (cancelling what is left)
+    on exit."""
+    choices = {j.request_id: Choice(j) for j in started.jobs}
+    timer, deadline = Timer(), time.monotonic() + timeout_s
+    events: list[TokenEvent] | None = started.read
     try:
-        while live:
-            index, item = await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0.0))
-            if item is None:
-                live -= 1
-            elif isinstance(item, BaseException):
-                raise to_api_error(item)
-            else:
-                choice = choices[index]
+        while events is not None:
+            for event in events:
+                choice = choices[event.request_id]
                 timer.token(choice)
-                choice.events.append(item)
-                choice.text += item.text
-                choice.finish_reason = item.finish_reason or choice.finish_reason
-                yield choice, item
+                choice.events.append(event)
+                choice.text += event.text
+                choice.finish_reason = event.finish_reason or choice.finish_reason
+                yield choice, event
+            events = await _next_step(started.steps, deadline, timeout_s)
         timer.done(list(choices.values()))
+    finally:
+        await started.steps.aclose()  # type: ignore[attr-defined]
+
+
+async def _next_step(steps: Steps, deadline: float, timeout_s: float) -> list[TokenEvent] | None:
+    """The stream's next item, None at its end; its errors as `APIError`s, 504 past `deadline`."""
+    try:
+        return await asyncio.wait_for(anext(steps, None), max(deadline - time.monotonic(), 0.0))
     except asyncio.TimeoutError:
         raise APIError(504, f"the request did not finish within {timeout_s:g} s") from None
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    except Exception as e:
+        raise to_api_error(e) from None
 
 
-async def collect(jobs: list[Job], stream_of: StreamOf, timeout_s: float) -> list[Choice]:
-    """Every choice to its end, in the order of `jobs`."""
+async def collect(jobs: list[Job], steps: Steps, timeout_s: float) -> list[Choice]:
+    """Every job to its end, in the order of `jobs`."""
     choices: dict[int, Choice] = {}
-    async for choice, _ in merge(await start(jobs, stream_of, timeout_s), timeout_s):
+    async for choice, _ in merge(await start(jobs, steps, timeout_s), timeout_s):
         choices[choice.job.index] = choice
     return [choices[j.index] for j in jobs]

@@ -17,6 +17,7 @@ this path with HTTP.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -57,7 +58,6 @@ from moray.deploy.api.protocol import (
 from moray.deploy.serve.config import ServerConfig
 from moray.model.config import MixtralConfig
 from moray.model.engine import GenerateRequest, TokenEvent
-from moray.model.sampling import SamplingParams
 from moray.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class OpenAIIngress(GrpcMixin):
         self.admission = Admission(self.config, self.tokenizer, model_cfg.vocab_size, self.max_model_len)
         self.in_flight = InFlight(self.config)
         self._token_text: dict[int, str] = {}
+        self.streamed: dict[str, int] = {"messages": 0, "tokens": 0}  # items, tokens from the engine
         log.info("ingress ready: model %r, context %d, api key %s", self.served_model_name,
                  self.max_model_len, "required" if self.config.api_key else "off")
 
@@ -92,24 +93,28 @@ class OpenAIIngress(GrpcMixin):
             self._token_text[token_id] = self.tokenizer.token_text(token_id)
         return self._token_text[token_id]
 
-    async def stream_tokens(self, prompt_ids: list[int], params: SamplingParams,
-                            request_id: str) -> AsyncIterator[TokenEvent]:
-        """One engine request's events; closing the stream early frees the engine's sequence."""
-        self.in_flight.enter()
+    async def stream_jobs(self, jobs: list[Job]) -> AsyncIterator[list[TokenEvent]]:
+        """The jobs' events as one stream, an item per engine step; closing it early frees the engine's
+        sequences."""
+        requests = [GenerateRequest(list(j.prompt_ids), j.params, j.request_id) for j in jobs]
+        entered = 0
         try:
-            async for event in self.engine.generate(GenerateRequest(list(prompt_ids), params, request_id)):
-                yield event
+            for _ in requests:
+                self.in_flight.enter()
+                entered += 1
+            async for events in self.engine.generate_steps(requests):
+                self.streamed["messages"] += 1
+                self.streamed["tokens"] += len(events)
+                yield events
         finally:
-            self.in_flight.leave()
+            for _ in range(entered):
+                self.in_flight.leave()
 
-    def _stream_of(self, job: Job) -> AsyncIterator[TokenEvent]:
-        return self.stream_tokens(job.prompt_ids, job.params, job.request_id)
-
-    async def _start(self, jobs: list[Job]) -> list[Started]:
-        return await fanout.start(jobs, self._stream_of, self.config.request_timeout_s)
+    async def _start(self, jobs: list[Job]) -> Started:
+        return await fanout.start(jobs, self.stream_jobs(jobs), self.config.request_timeout_s)
 
     async def _collect(self, jobs: list[Job]) -> list[Choice]:
-        return await fanout.collect(jobs, self._stream_of, self.config.request_timeout_s)
+        return await fanout.collect(jobs, self.stream_jobs(jobs), self.config.request_timeout_s)
 
     async def run_jobs(self, jobs: list[Job]) -> AsyncIterator[TokenEvent]:
         """The events of `jobs` as they come (what gRPC streams)."""
@@ -122,7 +127,8 @@ class OpenAIIngress(GrpcMixin):
         state and replica counts, each expert-shard replica's load report and per-(layer, expert) token
         counts and rates (`moray.deploy.serve.state.app_status`)."""
         out: dict[str, Any] = {"model": self.served_model_name, "max_model_len": self.max_model_len,
-                               "dispatcher": await self.engine.stats()}
+                               "dispatcher": await self.engine.stats(), "ingress": {"pid": os.getpid(),
+                                                                                   **self.streamed}}
         app = await self.engine.app_status()
         out.update({k: app[k] for k in ("status", "deployments", "shards", "experts") if k in app})
         out["dispatcher"].pop("param_names", None)
@@ -165,16 +171,16 @@ class OpenAIIngress(GrpcMixin):
                                   finish_reason=c.finish_reason)
         return with_token_ids(req, choice, c)  # type: ignore[no-any-return]
 
-    async def _completion_chunks(self, req: CompletionRequest, started: list[Started],
+    async def _completion_chunks(self, req: CompletionRequest, started: Started,
                                  cid: str) -> AsyncIterator[dict]:
-        created, offsets = now(), {j.index: len(j.prompt_text) for j, _, _ in started}
+        created, offsets = now(), {j.index: len(j.prompt_text) for j in started.jobs}
 
         def chunk(choices: list[CompletionChoice], use: Usage | None = None) -> dict:
             return chunk_dict(CompletionChunk(id=cid, created=created, model=self.served_model_name,
                                               choices=choices, usage=use), req.include_usage)
 
         events = fanout.merge(started, self.config.request_timeout_s)
-        for j, _, _ in started:
+        for j in started.jobs:
             if j.prompt_text:
                 yield chunk([CompletionChoice(index=j.index, text=j.prompt_text)])
         seen: dict[int, Choice] = {}
@@ -214,7 +220,7 @@ class OpenAIIngress(GrpcMixin):
             return None
         return chat_logprobs(logprob_rows(events), self.token_text, req.top_logprobs or 0)
 
-    async def _chat_chunks(self, req: ChatCompletionRequest, started: list[Started],
+    async def _chat_chunks(self, req: ChatCompletionRequest, started: Started,
                            cid: str) -> AsyncIterator[dict]:
         created = now()
 
@@ -223,7 +229,7 @@ class OpenAIIngress(GrpcMixin):
                                                   choices=choices, usage=use), req.include_usage)
 
         events = fanout.merge(started, self.config.request_timeout_s)
-        for j, _, _ in started:
+        for j in started.jobs:
             yield chunk([ChatChunkChoice(index=j.index, delta=ChatDelta(role="assistant", content=""))])
         seen: dict[int, Choice] = {}
         async for c, e in events:

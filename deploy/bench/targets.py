@@ -98,11 +98,12 @@ class ActorsTarget:
     """The expert-parallel runtime on Ray actors (`start_runtime`): a dispatcher and N shards."""
 
     def __init__(self, model_dir: str, num_shards: int, engine_config: Any, threads: int,
-                 placement: Any = None, transport: str = "auto") -> None:
+                 placement: Any = None, transport: str = "auto", omp_wait_policy: str = "passive") -> None:
         from moray.actors.runtime import RuntimeOptions, start_runtime
 
         ensure_ray(1.0 + 0.5 * (placement.num_shards if placement else num_shards))
-        options = RuntimeOptions(threads=threads, transport=transport)  # type: ignore[arg-type]
+        options = RuntimeOptions(threads=threads, transport=transport,  # type: ignore[arg-type]
+                                 omp_wait_policy=omp_wait_policy)  # type: ignore[arg-type]
         self.runtime = start_runtime(model_dir, num_shards, engine_config, placement=placement,
                                      options=options)
 

@@ -114,6 +114,15 @@ class ServerConfig(BaseModel):
                                       "justifies a move.")
     shard_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves per expert-shard replica.")
     dispatcher_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per dispatcher replica.")
+    torch_threads: int = Field(
+        1, ge=0, description="torch threads in each dispatcher and expert-shard replica; 0 = all the node's "
+                             "cores, so that each process uses them in its phase (attention, then experts) "
+                             "(actors/threads.py; measured in docs/performance.md).")
+    omp_wait_policy: Literal["passive", "active"] = Field(
+        "passive", description="How OpenMP threads of the dispatcher and shard replicas wait between "
+                               "parallel regions: passive = sleep at once (OMP_WAIT_POLICY=PASSIVE, "
+                               "GOMP_SPINCOUNT=0, KMP_BLOCKTIME=0), so a waiting process leaves the cores "
+                               "to the one whose phase it is; active = OpenMP's defaults (spin first).")
     # --- API surface ---
     app_name: str = Field("moray", min_length=1, description="Serve application name.")
     api_key: str | None = Field(

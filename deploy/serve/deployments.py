@@ -115,6 +115,11 @@ class ServedDispatcher(Dispatcher):
         async for event in super().generate(request):
             yield event
 
+    async def generate_steps(self, requests: Any) -> Any:  # type: ignore[override]
+        self._ensure_refresher()
+        async for events in super().generate_steps(requests):
+            yield events
+
     async def rebalance(self, dry_run: bool = False, redundant: int | None = None,
                         margin: float | None = None) -> dict[str, Any]:
         """Re-place the experts now from the shards' load (`moray rebalance`): the `MoveResult` as a dict."""

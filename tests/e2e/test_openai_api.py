@@ -196,6 +196,24 @@ def test_n_choices_are_seed_plus_i(client: openai.OpenAI, served_app: ServedApp)
     assert both.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles if s.usage)
 
 
+def test_a_steps_tokens_for_all_choices_reach_the_ingress_in_one_message(served_app: ServedApp) -> None:
+    """n=4 choices decode together: each engine step's 4 tokens travel from the dispatcher to the ingress
+    as one streamed message, so the ingress receives at most one message per step (per-token streaming
+    would be 4 a step)."""
+    before = status(served_app)
+    body = {"model": served_app.model_name, "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 1.0,
+            "seed": 5, "n": 4, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{served_app.base_url}/completions", json=body, timeout=TIMEOUT_S) as r:
+        assert r.status_code == 200
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    after = status(served_app)
+    assert sorted({c["choices"][0]["index"] for c in chunks}) == [0, 1, 2, 3]
+    steps = after["dispatcher"]["time_steps"] - before["dispatcher"]["time_steps"]
+    messages = after["ingress"]["messages"] - before["ingress"]["messages"]
+    assert after["ingress"]["tokens"] - before["ingress"]["tokens"] == 4 * 8
+    assert 8 <= steps and 1 <= messages <= steps, (messages, steps)
+
+
 def test_echo_prepends_the_prompt(client: openai.OpenAI, served_app: ServedApp) -> None:
     opts: dict[str, Any] = {"model": served_app.model_name, "prompt": PROMPTS[1], "max_tokens": 5,
                             "temperature": 0}
@@ -339,10 +357,15 @@ def test_32_concurrent_streams_are_each_right(served_app: ServedApp, oracle: Ora
         assert got_text == text(want)
 
 
-def engine_stats(app: ServedApp) -> dict[str, Any]:
+def status(app: ServedApp) -> dict[str, Any]:
     r = httpx.get(f"{app.base_url}/moray/status", timeout=TIMEOUT_S)
     assert r.status_code == 200, r.text
-    stats: dict[str, Any] = r.json()["dispatcher"]
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def engine_stats(app: ServedApp) -> dict[str, Any]:
+    stats: dict[str, Any] = status(app)["dispatcher"]
     return stats
 
 
@@ -381,6 +404,19 @@ def test_status_lists_every_deployment(served_app: ServedApp) -> None:
 
 
 # ---- the README's examples run as shown -------------------------------------------------------------------
+def test_replicas_run_with_the_configured_threads_and_passive_omp_waits(served_app: ServedApp) -> None:
+    """The dispatcher and shard processes got OpenMP's passive wait settings in their environment (they
+    must be there before OpenMP loads) and torch's threads from the config."""
+    from ray import serve
+
+    passive = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0"}
+    dispatcher = engine_stats(served_app)
+    shard = serve.get_deployment_handle("expert-shard-1", served_app.app_name).info.remote().result()
+    for process in (dispatcher, shard):
+        assert process["omp_env"] == passive
+        assert process["torch_threads"] == served_app.config.torch_threads
+
+
 def test_readme_curl_examples(readme: Readme) -> None:
     for name in ("curl-completion", "curl-chat-stream"):
         script = readme(name)

@@ -131,56 +131,6 @@ def channel_mappings(tree: set[tuple[int, float]]) -> dict[str, int]:
     return found
 
 
-def test_serve_starts_answers_and_stops_clean() -> None:
-    """No --model: the embedded tiny model. An API key guards /v1, not /health. The dispatcher reaches
-    the shards over shared memory that never has a name: nothing appears in /dev/shm, ever."""
-    shm_before = shm_entries()
-    port, grpc_port, key = free_port(), free_port(), "k-" + os.urandom(8).hex()
-    server = Server(["--port", str(port), "--grpc-port", str(grpc_port), "--num-shards", "2",
-                     "--api-key", key])
-    base = f"http://127.0.0.1:{port}"
-    try:
-        server.wait_ready(f"{base}/health")
-        server.track()
-        body = {"model": "moray-tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
-        ok = httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"},
-                        timeout=60)
-        assert ok.status_code == 200, ok.text
-        assert ok.json()["usage"]["completion_tokens"] >= 1
-        server.track()
-        mapped = channel_mappings(server.tree)  # the dispatcher and both shards map the channels' memfds
-        assert any("dispatcher" in title for title in mapped), mapped
-        assert sum("expert-shard" in title for title in mapped) == 2, mapped
-        assert shm_entries() == shm_before
-        for headers in ({}, {"Authorization": "Bearer wrong"}):
-            denied = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=60)
-            assert denied.status_code == 401 and denied.json()["error"]["code"] == 401
-        assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
-        # /health can answer a moment before `serve.run` returns and the CLI logs its ready line.
-        deadline = time.monotonic() + 30
-        while not any("ready" in line and str(port) in line for line in server.lines):
-            assert time.monotonic() < deadline, server.lines
-            time.sleep(0.2)
-        assert grpc_generate(f"127.0.0.1:{grpc_port}", key).usage.completion_tokens >= 1  # started by now
-        server.track()
-        assert server.tree, "moray serve started no child processes?"
-        api = [(ip, p) for ip, p, _ in listeners(server.proc.pid) if p in (port, grpc_port)]
-        assert {p for _, p in api} == {port, grpc_port} and all(is_loopback_ip(ip) for ip, _ in api), api
-        os.kill(server.proc.pid, signal.SIGINT)
-        start = time.monotonic()
-        rc = server.proc.wait(timeout=EXIT_S)
-        assert rc == 0, "\n".join(server.lines[-30:])
-        assert time.monotonic() - start < EXIT_S
-        deadline = time.monotonic() + 10
-        while (marked(server.mark) or any(map(alive, server.tree))) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not marked(server.mark), f"processes left behind: {marked(server.mark)}"
-        assert not [p for p in server.tree if alive(p)]
-        assert shm_entries() == shm_before
-    finally:
-        server.kill()
-
-
 def bad_placement(path: Path, tiny_dir: Path) -> Path:
     cfg = json.loads((tiny_dir / "config.json").read_text())
     layers, experts = cfg["num_hidden_layers"], cfg["num_local_experts"]
@@ -310,6 +260,11 @@ def test_exposed_with_a_key_answers_elsewhere_and_refuses_without() -> None:
         models = f"http://{ip}:{port}/v1/models"
         assert httpx.get(models, headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code == 200
         assert httpx.get(models, timeout=30).status_code == 401
+        assert httpx.get(f"http://{ip}:{port}/health", timeout=30).status_code == 200  # open without a key
+        body = {"model": "moray-tiny", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            denied = httpx.post(f"http://{ip}:{port}/v1/completions", json=body, headers=headers, timeout=60)
+            assert denied.status_code == 401 and denied.json()["error"]["code"] == 401
         assert grpc_generate(f"{ip}:{grpc_port}", key).usage.completion_tokens >= 1
         with pytest.raises(grpc.RpcError) as info:
             grpc_generate(f"{ip}:{grpc_port}", None)
@@ -384,12 +339,15 @@ def assert_loopback_only(server: Server, port: int) -> None:
     assert not moray_warnings(server)
 
 
-def test_default_flags_listen_on_loopback_only_and_second_drivers_join() -> None:
-    """Default flags listen on loopback only (`assert_loopback_only`). `moray status`, `moray rebalance
-    --dry-run` and `moray.connect("auto")` answer at once: they join the Ray `moray serve` started on
-    127.0.0.1 over loopback, where Ray would swap 127.0.0.1 for this machine's network address and dial
-    that for minutes. The server records its Ray and removes the record when it stops. Ray's temp dir
-    (where the record is) is this test's own."""
+def test_default_flags_answer_on_loopback_only_second_drivers_join_and_stop_clean() -> None:
+    """No --model: the embedded tiny model. Default flags listen on loopback only (`assert_loopback_only`).
+    The dispatcher reaches the shards over shared memory that never has a name: nothing appears in
+    /dev/shm, ever. `moray status`, `moray rebalance --dry-run` and `moray.connect("auto")` answer at once:
+    they join the Ray `moray serve` started on 127.0.0.1 over loopback, where Ray would swap 127.0.0.1 for
+    this machine's network address and dial that for minutes. The server records its Ray and removes the
+    record when it stops; SIGINT stops it with exit 0 and nothing left running. Ray's temp dir (where the
+    record is) is this test's own."""
+    shm_before = shm_entries()
     ray_tmp = Path(tempfile.mkdtemp(prefix="moray-"))  # short: Ray's socket paths live under it
     env = {"RAY_TMPDIR": str(ray_tmp)}
     drivers = {**env, **routable_env(ray_tmp)}
@@ -397,6 +355,14 @@ def test_default_flags_listen_on_loopback_only_and_second_drivers_join() -> None
     server = started([], port, env=env)
     try:
         assert_loopback_only(server, port)
+        body = {"model": "moray-tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        ok = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1, ok.text
+        server.track()
+        mapped = channel_mappings(server.tree)  # the dispatcher and both shards map the channels' memfds
+        assert any("dispatcher" in title for title in mapped), mapped
+        assert sum("expert-shard" in title for title in mapped) == 2, mapped
+        assert shm_entries() == shm_before
         record = json.loads((ray_tmp / "ray" / "moray_current_cluster.json").read_text())
         assert record["loopback"] and record["pid"] == server.proc.pid, record
         took = {name: drive(command, drivers) for name, command in
@@ -404,9 +370,16 @@ def test_default_flags_listen_on_loopback_only_and_second_drivers_join() -> None
                  "connect": ["connect"]}.items()}
         print(f"\nsecond drivers answered in {took} s")
         assert all(t < ANSWER_S for t in took.values()), took
+        server.track()
         os.kill(server.proc.pid, signal.SIGINT)
         assert server.proc.wait(timeout=EXIT_S) == 0, "\n".join(server.lines[-30:])
         assert not (ray_tmp / "ray" / "moray_current_cluster.json").exists()
+        deadline = time.monotonic() + 10
+        while (marked(server.mark) or any(map(alive, server.tree))) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not marked(server.mark), f"processes left behind: {marked(server.mark)}"
+        assert not [p for p in server.tree if alive(p)]
+        assert shm_entries() == shm_before
     finally:
         server.kill()
         shutil.rmtree(ray_tmp, ignore_errors=True)
