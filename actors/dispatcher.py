@@ -33,6 +33,7 @@ from moray.actors.sharded import HandleLinks, Links, ShardedExperts
 from moray.actors.threads import set_threads, thread_report
 from moray.model.config import MixtralConfig
 from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, TokenEvent
+from moray.model.kernels import KernelOptions
 from moray.model.mixtral import Mixtral
 from moray.model.tokenizer import Tokenizer
 from moray.model.weights import load_attention
@@ -44,9 +45,10 @@ class Dispatcher:
     def __init__(self, model_dir: str, placement: Placement, shards: Sequence[Any],
                  engine_config: EngineConfig, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
                  num_threads: int = 1, shard_timeout_s: float = 60.0, transport: Transport = "auto",
-                 group: str | None = None, board: str | None = None) -> None:
+                 group: str | None = None, board: str | None = None,
+                 kernels: KernelOptions = KernelOptions()) -> None:
         """With a placement `board`, the placement in force there (and every later one) replaces
-        `placement`."""
+        `placement`. `kernels`: the attention side's quantization and kernel choice."""
         setup_actor_logging()
         set_threads(num_threads)  # 0: all the node's cores
         cfg = MixtralConfig.load(model_dir)
@@ -54,7 +56,9 @@ class Dispatcher:
         version, placement = self.follower.begin(placement) if self.follower else (0, placement)
         placement.validate(cfg.n_layers, cfg.n_experts)
         weights = load_attention(model_dir, dtype=resolve_dtype(dtype), device=device)
-        self.model = Mixtral(cfg, weights.tensors, deterministic=engine_config.deterministic)
+        self.kernels = kernels.kernels(attention=True, deterministic=engine_config.deterministic)
+        self.model = Mixtral(cfg, weights.tensors, deterministic=engine_config.deterministic,
+                             kernels=self.kernels)
         self.tokenizer = Tokenizer.from_model_dir(model_dir)
         links = self._links(cfg, placement, shards, engine_config, resolve_dtype(dtype), transport, group)
         self.experts = ShardedExperts(placement, links, shard_timeout_s, version)
@@ -90,6 +94,7 @@ class Dispatcher:
 
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), **self.experts.stats(), "param_bytes": self.model.param_bytes(),
+                "kernels": self.kernels.report(),
                 "param_names": self.model.param_names(), "pid": os.getpid(), **thread_report()}
 
     def close(self) -> None:

@@ -34,6 +34,7 @@ from moray.actors.replacement import ShardFollower
 from moray.actors.threads import set_threads, thread_report
 from moray.model.config import MixtralConfig
 from moray.model.experts import ExpertBank
+from moray.model.kernels import KernelOptions
 from moray.model.weights import load_experts
 
 log = logging.getLogger(__name__)
@@ -61,14 +62,17 @@ class Holding:
 class ExpertShard:
     def __init__(self, model_dir: str, shard_id: int, experts: Mapping[int, Sequence[int]], *,
                  dtype: str | torch.dtype = "float32", device: str = "cpu", num_threads: int = 1,
-                 group: str | None = None, deterministic: bool = False, board: str | None = None) -> None:
+                 group: str | None = None, deterministic: bool = False, board: str | None = None,
+                 kernels: KernelOptions = KernelOptions()) -> None:
         """`experts` is what to hold without a placement `board`; with one, the board says (a replica
-        that starts during a move loads the old and the new experts of its shard)."""
+        that starts during a move loads the old and the new experts of its shard). `kernels`: quantization
+        and kernel choice; this replica quantizes (and probes kernels for) only the experts it holds."""
         setup_actor_logging()
         set_threads(num_threads)  # 0: all the node's cores
         self.shard_id, self.device = shard_id, torch.device(device)
         self.model_dir, self.dtype, self.deterministic = model_dir, resolve_dtype(dtype), deterministic
         self.cfg = MixtralConfig.load(model_dir)
+        self.kernels = kernels.kernels(deterministic=deterministic)
         self.replica = uuid.uuid4().hex[:12]
         self.holding = Holding({}, {}, _held_mask(self.cfg.n_layers, self.cfg.n_experts, {}))
         self.follower = ShardFollower(PlacementBoard(board), self) if board else None
@@ -77,8 +81,8 @@ class ExpertShard:
         self.tokens_served = torch.zeros(self.cfg.n_layers, self.cfg.n_experts, dtype=torch.long)
         self.busy_s = 0.0
         self._seen: set[str] = set()
-        log.info("expert shard %d holds %s (%.1f MB)", shard_id, _describe(self.experts),
-                 self.param_bytes() / 1e6)
+        log.info("expert shard %d holds %s (%.1f MB resident, %s)", shard_id, _describe(self.experts),
+                 self.param_bytes() / 1e6, "int8" if self.kernels.quantize else self.dtype)
         self.endpoint: ShardEndpoint | None = None
         self.heartbeat: Heartbeat | None = None
         self.directory = Directory(group) if group else None
@@ -126,7 +130,8 @@ class ExpertShard:
         (where `pack_linear` keeps weights as they are, GPU or bf16, a bank's weights are views of one
         stacked tensor: an expert let go later would stay allocated with the stack)."""
         n, det = self.cfg.n_experts, self.deterministic
-        new = [ExpertBank.from_weights(loaded, layer, [e], n, deterministic=det) for e in gained]
+        new = [ExpertBank.from_weights(loaded, layer, [e], n, deterministic=det, kernels=self.kernels)
+               for e in gained]
         parts = [b for b in (old, *new) if b is not None]
         if len(parts) == 1 and parts[0].expert_ids == ids:
             return parts[0]
@@ -207,6 +212,7 @@ class ExpertShard:
         return self.tokens_served.tolist()
 
     def param_bytes(self) -> int:
+        """Resident bytes of the experts held, as held (int8 ones: their int8 values and scales)."""
         return sum(bank.param_bytes() for bank in self.banks.values())
 
     def reset_counts(self) -> None:
@@ -222,6 +228,8 @@ class ExpertShard:
             "channels": self.endpoint.connected() if self.endpoint else None,
             "experts": self.experts,
             "param_bytes": self.param_bytes(),
+            "quantization": "int8" if self.kernels.quantize else str(self.dtype).removeprefix("torch."),
+            "kernels": self.kernels.report(),
             "placement": self.holding.tag,
             "busy_s": self.busy_s,
             **thread_report(),

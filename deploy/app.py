@@ -138,7 +138,8 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
     shards = [shard.options(name=shard_name(g),
                             ray_actor_options={"num_cpus": config.shard_cpus, **_process(config)})
               .bind(path, g, plan.shard_experts(g), dtype=dtype, device=device, group=group, board=board,
-                    deterministic=config.deterministic, num_threads=config.torch_threads)
+                    deterministic=config.deterministic, num_threads=config.torch_threads,
+                    kernels=config.kernel_options())
               for g in range(plan.num_shards)]
     dispatcher_cpus = {"num_cpus": config.dispatcher_cpus, **_process(config)}
     dispatcher: Any = serve.deployment(ServedDispatcher, name=DISPATCHER, **DISPATCHER_OPTIONS,
@@ -151,7 +152,8 @@ def build_app(args: dict[str, Any] | ServerConfig) -> Any:
                                 config.rebalance_margin)
     engine = dispatcher.bind(path, plan, shards, engine_config(config), dtype=dtype, device=device,
                              transport=config.transport, group=group, board=board, rebalance=rebalance,
-                             shard_timeout_s=config.shard_timeout_s, num_threads=config.torch_threads)
+                             shard_timeout_s=config.shard_timeout_s, num_threads=config.torch_threads,
+                             kernels=config.kernel_options())
     return ingress.bind(engine, config, path)
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from moray.model.invariant import RowTiler
+from moray.model.kernels import Kernels, LinearWeight, weight_bytes
 from moray.model.layers import linear, pack_linear, swiglu
 
 
@@ -46,16 +47,17 @@ class ExpertBank(torch.nn.Module):
         num_global_experts: int,
         *,
         deterministic: bool = False,
+        kernels: Kernels | None = None,
     ) -> None:
         super().__init__()
         self.expert_ids = list(expert_ids)
         self.deterministic = deterministic
         self.tiles = RowTiler()
         # w1 and w3 fused: one matmul gives both halves of the SwiGLU input. Each expert's weights in
-        # the layout of the fastest kernel here (`pack_linear`: oneDNN-packed on CPU).
+        # the layout of the kernel `kernels` chose here (`pack_linear`; int8 with `kernels.quantize`).
         w13 = torch.cat([w1, w3], dim=1)  # [E, 2F, D]
-        self.w13 = [pack_linear(w) for w in w13.unbind(0)]  # E x [2F, D]
-        self.w2 = [pack_linear(w) for w in w2.unbind(0)]  # E x [D, F]
+        self.w13: list[LinearWeight] = [pack_linear(w, kernels) for w in w13.unbind(0)]  # E x [2F, D]
+        self.w2: list[LinearWeight] = [pack_linear(w, kernels) for w in w2.unbind(0)]  # E x [D, F]
         del w13
         local = torch.full((num_global_experts,), -1, dtype=torch.long)
         local[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
@@ -71,6 +73,7 @@ class ExpertBank(torch.nn.Module):
         num_global_experts: int,
         *,
         deterministic: bool = False,
+        kernels: Kernels | None = None,
     ) -> ExpertBank:
         ids = sorted(expert_ids)
         stack = {
@@ -78,7 +81,8 @@ class ExpertBank(torch.nn.Module):
             for w in ("w1", "w2", "w3")
         }
         return cls(
-            ids, stack["w1"], stack["w2"], stack["w3"], num_global_experts, deterministic=deterministic
+            ids, stack["w1"], stack["w2"], stack["w3"], num_global_experts, deterministic=deterministic,
+            kernels=kernels,
         )
 
     @classmethod
@@ -140,7 +144,8 @@ class ExpertBank(torch.nn.Module):
         return linear(F.silu(g) * u, self.w2[e])  # [m, D]
 
     def param_bytes(self) -> int:
-        return sum(w.numel() * w.element_size() for w in (*self.w13, *self.w2))
+        """Resident bytes of the bank's expert weights (int8 ones: the int8 values and their scales)."""
+        return sum(map(weight_bytes, (*self.w13, *self.w2)))
 
 
 class LocalExperts:
@@ -157,11 +162,12 @@ class LocalExperts:
         num_global_experts: int,
         *,
         deterministic: bool = False,
+        kernels: Kernels | None = None,
     ) -> LocalExperts:
         return cls(
             {
                 layer: ExpertBank.from_weights(
-                    tensors, layer, ids, num_global_experts, deterministic=deterministic
+                    tensors, layer, ids, num_global_experts, deterministic=deterministic, kernels=kernels
                 )
                 for layer, ids in experts.items()
             }

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from moray.model.kernels import LinearWeight
 from moray.model.layers import StepBatch, linear, rms_norm
 
 ROW_TILE = 16  # rows per call: the row count oneDNN's packed weights are laid out for (PACK_BATCH)
@@ -102,10 +103,10 @@ class RowTiler:
         self._sizes[key] = [n for n in candidates if n == self.tile or (n <= self.max_call and agrees(n))]
         return self._sizes[key]
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
         """`linear(x, w)`: x [..., K] -> [..., N]."""
         flat = x.reshape(-1, x.shape[-1])
-        key = ("linear", tuple(w.shape), w.dtype, w.device, w.is_mkldnn)
+        key = ("linear", tuple(w.shape), w.dtype, w.device, w.is_mkldnn, type(w))
         (y,) = self.run(key, lambda t: (linear(t, w),), flat)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moray.model.kernels import Int8Linear, Kernels, LinearWeight, linear_dense
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     var = x.float().pow(2).mean(-1, keepdim=True)
@@ -116,65 +118,18 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch
     return ids, torch.softmax(top_scores, dim=-1).to(x.dtype)
 
 
-PACK_BATCH = 16  # the row count oneDNN's weight layout is chosen for (fast from 1 to ~64 rows)
+def pack_linear(w: torch.Tensor, kernels: Kernels | None = None) -> LinearWeight:
+    """`w` [N, K] in the layout of the kernel `kernels` chose for it here (model/kernels.py); without
+    `kernels`, the default one, unprobed (oneDNN-packed for fp32 on CPU). A oneDNN-packed tensor cannot
+    be pickled or indexed: keep it in the process that made it and use it only through `linear`."""
+    return (kernels or Kernels(probe=False)).pack(w)
 
 
-def pack_linear(w: torch.Tensor) -> torch.Tensor:
-    """`w` [N, K] in the layout the fastest kernel for `linear` wants: for fp32 on CPU, oneDNN's
-    blocked layout (an opaque `torch._mkldnn` tensor, reordered once here); else `w` itself.
-
-    For the few rows a decode step gives each weight, MKL's sgemm behind `F.linear` re-reads the
-    weight once per row or repacks it on every call; the packed oneDNN kernel reads it once.
-    Measured on this project's 2-core AVX2 machine, fp32, rows 1/4/16: [7168, 1024] 1.3/4.3/4.9 ms
-    -> 0.8/1.2/2.3 ms; [1024, 3584] 0.33/1.12/1.44 -> 0.24/0.37/0.94 ms; [32000, 1024]
-    6.8/27/29 -> 4.7/6.1/11 ms. A packed tensor cannot be pickled or indexed: keep it in the
-    process that made it and use it only through `linear`.
-    """
-    if w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2 or not _onednn_linear():
-        return w
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_BATCH)
-
-
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, w)` for a weight `pack_linear` returned (packed or not).
-
-    oneDNN caches a kernel per input shape, each with its own buffers: fed every row count a server
-    sees, one expert weight's cache grew by ~700 MB (measured). So rows are padded to a few sizes
-    (`row_bucket`) and the cache stays at a few dozen kernels per weight shape.
-    """
-    if not w.is_mkldnn:
-        return F.linear(x, w)
+def linear(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
+    """`F.linear(x, w)` for a weight `pack_linear` returned (packed, plain or int8), x [..., K]."""
     flat = x.reshape(-1, x.shape[-1])
-    rows = flat.shape[0]
-    padded = row_bucket(rows)
-    if padded != rows:
-        flat = F.pad(flat, (0, 0, 0, padded - rows))
-    y = torch.ops.mkldnn._linear_pointwise(flat, w, None, "none", [], "")[:rows]
+    y = w(flat) if isinstance(w, Int8Linear) else linear_dense(flat, w)
     return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def row_bucket(rows: int) -> int:
-    """The row count `linear` computes `rows` rows with: the next power of two up to 64, then the next
-    multiple of 64 (at most 2x the work at 33-64 rows, where the weight read dominates anyway)."""
-    if rows <= 64:
-        return 1 << max(rows - 1, 0).bit_length()
-    return -(-rows // 64) * 64
-
-
-_ONEDNN: bool | None = None
-
-
-def _onednn_linear() -> bool:
-    """Whether this torch has oneDNN's packed fp32 linear (private ops; checked once, on a tiny case)."""
-    global _ONEDNN
-    if _ONEDNN is None:
-        try:
-            w, x = torch.randn(24, 16), torch.randn(3, 16)
-            got = linear(x, torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH))
-            _ONEDNN = bool(torch.allclose(got, F.linear(x, w), rtol=1e-4, atol=1e-5))
-        except (AttributeError, RuntimeError):
-            _ONEDNN = False
-    return _ONEDNN
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:

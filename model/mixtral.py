@@ -17,6 +17,7 @@ import torch
 from moray.model.config import MixtralConfig
 from moray.model.experts import LocalExperts
 from moray.model.invariant import InvariantAttention, RowTiler
+from moray.model.kernels import Kernels, LinearWeight, weight_bytes
 from moray.model.kv_cache import KVCache
 from moray.model.layers import (
     StepBatch,
@@ -56,7 +57,8 @@ class Mixtral(torch.nn.Module):
     kernels, whose last bits follow the step's shapes."""
 
     def __init__(
-        self, cfg: MixtralConfig, weights: Mapping[str, torch.Tensor], *, deterministic: bool = False
+        self, cfg: MixtralConfig, weights: Mapping[str, torch.Tensor], *, deterministic: bool = False,
+        kernels: Kernels | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.deterministic = cfg, deterministic
@@ -74,19 +76,23 @@ class Mixtral(torch.nn.Module):
             tensors[p + "wqkv"] = torch.cat(
                 [tensors.pop(p + "wq"), tensors.pop(p + "wk"), tensors.pop(p + "wv")]
             )
-        # The big matmul weights in the layout of the fastest kernel here (`pack_linear`: oneDNN-packed
-        # for fp32 on CPU, plain tensors elsewhere); everything else as Parameters.
-        packed = {n: pack_linear(tensors.pop(n)) for n in list(tensors) if n.endswith(PACKED)}
+        # The big matmul weights in the layout of the kernel `kernels` chose here (`pack_linear`: measured
+        # per shape; int8 with `kernels.quantize`); everything else as Parameters.
+        packed = {n: pack_linear(tensors.pop(n), kernels) for n in list(tensors) if n.endswith(PACKED)}
         self.params = torch.nn.ParameterDict(
             {n.replace(".", "_"): torch.nn.Parameter(t, requires_grad=False) for n, t in tensors.items()}
         )
         self._tensors = {n: self.params[n.replace(".", "_")] for n in tensors}  # plain dict: fast lookups
-        self._tensors.update(packed)
+        self._packed = packed
         device = weights["embed"].device
         self.cos, self.sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, device)
 
     def w(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def lin(self, name: str) -> LinearWeight:
+        """A weight used through `linear` (PACKED), in its kernel's layout."""
+        return self._packed[name]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -102,7 +108,7 @@ class Mixtral(torch.nn.Module):
     def attention(self, layer: int, h: torch.Tensor, batch: StepBatch, kv: KVCache) -> Routed:
         cfg, p = self.cfg, f"layers.{layer}."
         x = self._norm(h, self.w(p + "attn_norm"), cfg.norm_eps)
-        q, k, v = self._linear(x, self.w(p + "wqkv")).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
+        q, k, v = self._linear(x, self.lin(p + "wqkv")).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
         q = q.reshape(-1, cfg.n_heads, cfg.head_dim)  # [T, H, d]
         k = k.reshape(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
         v = v.reshape(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
@@ -110,13 +116,13 @@ class Mixtral(torch.nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv.write(layer, batch.slot_mapping, k, v)
         attn = self._attend(q, kv.k[layer], kv.v[layer], batch)  # [T, H, d]
-        h = h + self._linear(attn.flatten(1), self.w(p + "wo"))
+        h = h + self._linear(attn.flatten(1), self.lin(p + "wo"))
         x = self._norm(h, self.w(p + "ffn_norm"), cfg.norm_eps)
         ids, gates = self._route(x, self.w(p + "gate"), cfg.top_k)
         return Routed(h, x, ids, gates)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        head = self.w("embed") if self.cfg.tie_embeddings else self.w("lm_head")
+        head = self.w("embed") if self.cfg.tie_embeddings else self.lin("lm_head")
         return self._linear(self._norm(h, self.w("norm"), self.cfg.norm_eps), head).float()  # [N, V]
 
     async def forward_step(self, batch: StepBatch, kv: KVCache, experts: ExpertBackend) -> torch.Tensor:
@@ -128,10 +134,10 @@ class Mixtral(torch.nn.Module):
         return self.logits(h[batch.logits_index])
 
     def param_names(self) -> list[str]:
-        return sorted(self._tensors)
+        return sorted([*self._tensors, *self._packed])
 
     def param_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+        return sum(map(weight_bytes, [*self._tensors.values(), *self._packed.values()]))
 
 
 def load_local(
@@ -140,13 +146,16 @@ def load_local(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     deterministic: bool = False,
+    kernels: Kernels | None = None,
+    attention_kernels: Kernels | None = None,
 ) -> tuple[Mixtral, LocalExperts]:
-    """The whole model in this process: attention side plus every expert (the parity oracle)."""
+    """The whole model in this process: attention side plus every expert (the parity oracle).
+    `kernels` pack the experts' weights, `attention_kernels` (default: `kernels`) the attention side's."""
     cfg = MixtralConfig.load(model_dir)
     attn = load_attention(model_dir, dtype=dtype, device=device)
     everything = {layer: list(range(cfg.n_experts)) for layer in range(cfg.n_layers)}
     experts = load_experts(model_dir, everything, dtype=dtype, device=device)
-    model = Mixtral(cfg, attn.tensors, deterministic=deterministic)
+    model = Mixtral(cfg, attn.tensors, deterministic=deterministic, kernels=attention_kernels or kernels)
     return model, LocalExperts.from_weights(
-        experts.tensors, everything, cfg.n_experts, deterministic=deterministic
+        experts.tensors, everything, cfg.n_experts, deterministic=deterministic, kernels=kernels
     )

@@ -44,11 +44,12 @@ def system_names(args: argparse.Namespace) -> list[str]:
 
     moray's names: `moray-local`, `moray-actors-N`, `moray-serve-N`, with `-pingpong` (two micro-batches),
     `-det` (deterministic numerics) and `-ray` (transport "ray": a Ray call per layer instead of the data
-    plane) as suffixes."""
+    plane) as suffixes; in process also `-bf16` (bf16 weights) and `-int8` (weight-only int8 experts)."""
     n = args.num_shards or 2
     if args.compare:
         names = args.systems.split(",") if args.systems else [
-            "transformers", "transformers-eager", "moray-local", *(["vllm"] if args.vllm_python else []),
+            "transformers", "transformers-eager", "moray-local", "moray-local-bf16", "moray-local-int8",
+            *(["vllm"] if args.vllm_python else []),
             f"moray-actors-{n}", f"moray-actors-{n}-ray", f"moray-actors-{n}-pingpong", f"moray-serve-{n}",
             f"moray-serve-{n}-ray"]
         return [s.strip() for s in names if s.strip()]
@@ -75,7 +76,9 @@ def open_system(name: str, args: argparse.Namespace, model_dir: str) -> Any:
     if name == "vllm":
         return VllmTarget(args.vllm_python, model_dir, args.vllm_kv_gib, not args.no_logprobs)
     if name.startswith("moray-local"):
-        return LocalTarget(model_dir, engine)
+        parts = name.split("-")
+        return LocalTarget(model_dir, engine, "bfloat16" if "bf16" in parts else "float32",
+                           "int8" if "int8" in parts else None)
     if name.startswith("moray-actors-"):
         return ActorsTarget(model_dir, shards, engine, args.threads or
                             max(1, (os.cpu_count() or 1) // shards), transport=transport,
@@ -97,6 +100,8 @@ def run_offline(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     for name in system_names(args):
         log.info("bench: %s", name)
         target = open_system(name, args, model_dir)
+        if isinstance(target, LocalTarget):
+            report.setdefault("kernels", {})[name] = target.kernel_report
         try:
             report["runs"] += measure_levels(target, name, args, facts, touched)
         finally:

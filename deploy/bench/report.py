@@ -145,10 +145,26 @@ def soak_markdown(soak: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kernels_markdown(kernels: dict[str, dict[str, Any]]) -> str:
+    """The linear kernel each in-process system's probe chose per weight shape and row bucket, with the
+    best time of every candidate (ms)."""
+    lines = ["\n| system | weights | rows | chosen | candidates (ms) |", "|---|---|---:|---|---|"]
+    for system, choices in kernels.items():
+        for key, choice in choices.items():
+            by_rows = dict(choice["by_rows"])
+            for rows, times in (choice["ms"] or {"-": {}}).items():
+                cands = ", ".join(f"{k} {t:.3f}" for k, t in times.items()) or "not probed"
+                chosen = by_rows.get(int(rows), choice["layout"]) if rows != "-" else choice["layout"]
+                lines.append(f"| {system} | {key} | {rows} | {chosen} | {cands} |")
+    return "\n".join(lines)
+
+
 def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> None:
     import sys
 
     text = header(report) + "\n" + (markdown(report) if report["runs"] else "")
+    if report.get("kernels"):
+        text += kernels_markdown(report["kernels"]) + "\n"
     if report.get("hop"):
         text += hop_markdown(report["hop"]) + "\n"
     if report.get("soak"):

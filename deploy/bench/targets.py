@@ -63,14 +63,23 @@ class ExpertCounter:
 
 
 class LocalTarget:
-    """The engine in this process, all experts local (`load_local`)."""
+    """The engine in this process, all experts local (`load_local`), in `dtype` ("float32", "bfloat16"),
+    `quantization` None or "int8" (experts), with the kernels the probe picks here (`kernel_report`)."""
 
-    def __init__(self, model_dir: str, engine_config: Any) -> None:
+    def __init__(self, model_dir: str, engine_config: Any, dtype: str = "float32",
+                 quantization: str | None = None) -> None:
+        from moray.actors.experts import resolve_dtype
         from moray.model.engine import AsyncEngine
+        from moray.model.kernels import KernelOptions
         from moray.model.mixtral import load_local
         from moray.model.tokenizer import Tokenizer
 
-        model, experts = load_local(model_dir, deterministic=engine_config.deterministic)
+        det, options = engine_config.deterministic, KernelOptions(quantization)
+        kernels = options.kernels(deterministic=det)
+        attention = options.kernels(attention=True, deterministic=det)
+        model, experts = load_local(model_dir, dtype=resolve_dtype(dtype), deterministic=det, kernels=kernels,
+                                    attention_kernels=attention)
+        self.kernel_report = {**attention.report(), **kernels.report()}
         self.counter = ExpertCounter(experts, model.cfg.n_experts)
         self.engine = AsyncEngine(model, self.counter, Tokenizer.from_model_dir(model_dir), engine_config)
 

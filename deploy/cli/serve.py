@@ -75,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", help="bearer token clients must send (default $MORAY_API_KEY)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--quantization", choices=["none", "int8"],
+                   help="int8: expert weights as weight-only int8, made at load (default none)")
+    p.add_argument("--quantize-attention", action="store_true", default=None,
+                   help="with --quantization int8: the attention and lm_head linears too")
+    p.add_argument("--kernel", choices=["onednn", "dense", "int8", "int8-bf16", "int8-dequant"],
+                   help="force one linear kernel (default: the fastest measured here, cached per machine)")
     p.add_argument("--served-model-name", help="model id clients send")
     p.add_argument("--verbose", action="store_true", help="stream the replicas' logs to this console")
     p.add_argument("--rebalance-interval", dest="rebalance_interval_s", type=float,
@@ -86,7 +92,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
     names = ("model", "host", "port", "grpc_port", "num_shards", "placement", "autoscaling", "pingpong",
              "transport", "deterministic", "shard_timeout_s",
              "max_num_seqs", "max_waiting", "api_key", "device", "dtype", "served_model_name",
-             "rebalance_interval_s", "redundant_experts")
+             "rebalance_interval_s", "redundant_experts", "quantization", "quantize_attention", "kernel")
     return ServerConfig.load(args.config, {n: getattr(args, n) for n in names})
 
 
@@ -121,6 +127,20 @@ def check_startup(config: Any, local: bool) -> tuple[str, Any]:
     return path, plan
 
 
+def _expert_memory(config: Any, num_shards: int) -> str:
+    """The resident expert bytes each shard replica reports (`moray status` shows them too)."""
+    from moray.deploy.cli.status import replica_megabytes
+    from moray.deploy.serve.state import shard_name, shard_reports
+
+    try:
+        per_shard = [replica_megabytes(shard_reports(config.app_name, shard_name(g), 10.0))
+                     for g in range(num_shards)]
+    except Exception as e:  # noqa: BLE001 - the server runs either way; say why the figure is missing
+        return f"expert MB per replica unknown ({one_line(e)})"
+    kind = "int8" if config.quantization == "int8" else str(config.resolved_dtype()).removeprefix("torch.")
+    return f"expert weights per shard replica ({kind}): " + ", ".join(f"{mb} MB" for mb in per_shard)
+
+
 def local_cpus(config: Any, num_shards: int) -> int:
     """Logical CPUs for a local Ray: every actor's reservation at its largest replica count, or the cores.
     `num_shards`: the placement's (a `--placement` file sets it, not `--num-shards`)."""
@@ -144,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("model %s (%s), %d expert shards, device %s", config.served_model_name, path,
                  plan.num_shards, config.resolved_device())
         app = run_app(config)
-        log.info("ready: %s; %s; Ctrl-C stops", "; ".join(app.addresses()), ray_info)
+        log.info("ready: %s; %s; %s; Ctrl-C stops", "; ".join(app.addresses()), ray_info,
+                 _expert_memory(config, plan.num_shards))
         stop.wait()
         log.info("shutting down")
         return 0

@@ -79,7 +79,8 @@ def format_status(status: Mapping[str, Any], top: int = 5) -> str:
     lines += table(["DEPLOYMENT", "STATUS", "RUNNING", "REPLICAS BY STATE"],
                    [[name, d["status"], d["num_replicas"], _states(d["replicas"])]
                     for name, d in status["deployments"].items()])
-    lines += ["", *table(["SHARD", "REPLICAS", "TOKENS/S", "TOKENS"], _shard_rows(status["shards"]))]
+    lines += ["", *table(["SHARD", "REPLICAS", "TOKENS/S", "TOKENS", "EXPERT MB PER REPLICA"],
+                         _shard_rows(status["shards"]))]
     lines += _balance_lines(status.get("balance"))
     experts = status.get("experts")
     if experts is None or not np.asarray(experts["tokens"]).any():
@@ -105,7 +106,13 @@ def _states(replicas: Mapping[str, int]) -> str:
 
 def _shard_rows(shards: Mapping[str, Any]) -> list[list[object]]:
     return [[name, len(s["replicas"]), f"{s['tokens_per_s']:.1f}",
-             sum(int(r["tokens_total"]) for r in s["replicas"])] for name, s in shards.items()]
+             sum(int(r["tokens_total"]) for r in s["replicas"]), replica_megabytes(s["replicas"])]
+            for name, s in shards.items()]
+
+
+def replica_megabytes(replicas: Sequence[Mapping[str, Any]]) -> str:
+    """Each replica's resident expert weights as it reports them (int8 ones counted as int8), in MB."""
+    return " ".join(f"{int(r.get('param_bytes', 0)) / 1e6:.1f}" for r in replicas) or "-"
 
 
 def hottest(experts: Mapping[str, Any], top: int) -> list[list[object]]:

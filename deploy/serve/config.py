@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 if TYPE_CHECKING:
     import torch
 
+    from moray.model.kernels import KernelOptions
+
 TINY_MODEL_NAME = "moray-tiny"
 API_KEY_ENV = "MORAY_API_KEY"
 
@@ -50,6 +52,15 @@ class ServerConfig(BaseModel):
         "auto", description="Where the model runs; 'auto' = cuda when a GPU is visible, else cpu.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights/activations dtype; 'auto' = bfloat16 on cuda, float32 on cpu.")
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="'int8': expert weights held as weight-only int8 (per output channel symmetric "
+                            "scales), made at load from the checkpoint by each process that holds them.")
+    quantize_attention: bool = Field(
+        False, description="With quantization int8: the attention and lm_head linears too.")
+    kernel: Literal["onednn", "dense", "int8", "int8-bf16", "int8-dequant"] | None = Field(
+        None, description="Force one linear kernel wherever it fits the weights (a float kernel for float "
+                          "weights, an int8 one for int8 weights); None = the fastest measured on this "
+                          "machine (a probe at load, cached per machine in $XDG_CACHE_HOME/moray).")
     tiny_seed: int = Field(0, description="Seed of the embedded tiny model's random weights.")
     # --- engine ---
     max_num_seqs: int = Field(32, ge=1, description="Most sequences running in one engine step.")
@@ -147,6 +158,7 @@ class ServerConfig(BaseModel):
         if self.max_batch_tokens < self.max_num_seqs:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}): every running sequence decodes one token per step")
+        self.kernel_options()  # raises ValueError on a combination no kernel serves
         if self.grpc_port is not None and self.port == self.grpc_port:
             raise ValueError(f"port and grpc_port must differ (both {self.port})")
         return self
@@ -165,6 +177,12 @@ class ServerConfig(BaseModel):
             return cls(**values)
         except ValidationError as e:
             raise ConfigError(_one_line(e, config_file)) from None
+
+    def kernel_options(self) -> KernelOptions:
+        from moray.model.kernels import KernelOptions
+
+        quantization = None if self.quantization == "none" else self.quantization
+        return KernelOptions(quantization, self.quantize_attention, self.kernel)
 
     def resolved_device(self) -> str:
         """'cpu' or 'cuda'. An explicit 'cuda' is returned unchecked: the head building the app has no GPU."""

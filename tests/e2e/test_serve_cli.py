@@ -150,11 +150,12 @@ def startup_error_cases(tmp: Path, tiny_dir: Path, busy_port: int) -> dict[str, 
         "more-shards-than-experts": (["--model", str(tiny_dir), "--num-shards", "999"], "shard"),
         "port-in-use": (["--model", str(tiny_dir), "--port", str(busy_port)], str(busy_port)),
         "bad-config-file": (["--config", str(tmp / "bad.yaml")], "bad.yaml"),
+        "int8-kernel-without-int8": (["--model", str(tiny_dir), "--kernel", "int8"], "int8"),
     }
 
 
 CASES = ["missing-checkpoint", "empty-checkpoint", "placement-misses-an-expert", "more-shards-than-experts",
-         "port-in-use", "bad-config-file"]
+         "port-in-use", "bad-config-file", "int8-kernel-without-int8"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -106,7 +106,7 @@ def test_packed_linear_equals_f_linear_at_every_row_count() -> None:
 
 def test_row_buckets_are_few_and_never_double_large_batches() -> None:
     """oneDNN keeps a kernel (with its buffers) per row count: `linear` must see few distinct ones."""
-    from moray.model.layers import row_bucket
+    from moray.model.kernels import row_bucket
 
     buckets = {row_bucket(r) for r in range(1, 2049)}
     assert len(buckets) <= 40

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, TokenEvent
+from moray.model.kernels import Kernels, candidates
 from moray.model.kv_cache import KVCache
 from moray.model.layers import StepBatch
 from moray.model.mixtral import load_local
@@ -33,9 +34,10 @@ def hf_model(path: Path) -> torch.nn.Module:
     return transformers.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def full_logits(path: Path, tokens: list[int], chunks: list[int]) -> torch.Tensor:
-    """Our logits at every position, feeding `tokens` in the given chunk sizes through the KV cache."""
-    model, experts = load_local(path)
+def full_logits(path: Path, tokens: list[int], chunks: list[int], kernel: str | None = None) -> torch.Tensor:
+    """Our logits at every position, feeding `tokens` in the given chunk sizes through the KV cache
+    (`kernel`: forced for every linear, else the default one)."""
+    model, experts = load_local(path, kernels=Kernels(force=kernel) if kernel else None)
     kv = KVCache(model.cfg, num_blocks=8, block_size=4, dtype=torch.float32, device="cpu")
     blocks = [5, 2, 7, 0, 1, 3, 6, 4]  # deliberately out of order
     out, start = [], 0
@@ -50,18 +52,21 @@ def prompt(n: int, seed: int = 0) -> list[int]:
     return torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_full_sequence_logits_match_transformers(ckpt: Path) -> None:
+@pytest.mark.parametrize("kernel", candidates(False, torch.float32))
+def test_full_sequence_logits_match_transformers(ckpt: Path, kernel: str) -> None:
+    """With each kernel the probe can choose for fp32 here (model/kernels.py)."""
     tokens = prompt(19)
     with torch.no_grad():
         expected = hf_model(ckpt)(torch.tensor([tokens])).logits[0]
-    ours = full_logits(ckpt, tokens, [len(tokens)])
+    ours = full_logits(ckpt, tokens, [len(tokens)], kernel)
     assert (ours - expected).abs().max().item() <= 1e-4
 
 
-def test_prefill_then_decode_equals_one_forward(ckpt: Path) -> None:
+@pytest.mark.parametrize("kernel", candidates(False, torch.float32))
+def test_prefill_then_decode_equals_one_forward(ckpt: Path, kernel: str) -> None:
     tokens = prompt(17, seed=1)
-    once = full_logits(ckpt, tokens, [17])
-    stepwise = full_logits(ckpt, tokens, [6, 5] + [1] * 6)
+    once = full_logits(ckpt, tokens, [17], kernel)
+    stepwise = full_logits(ckpt, tokens, [6, 5] + [1] * 6, kernel)
     assert (once - stepwise).abs().max().item() <= 1e-5
 
 
