@@ -59,6 +59,9 @@ class HttpTarget:
                                    "stream_options": {"include_usage": True}}
         if self.logprobs:
             payload["logprobs"] = 0
+        if job.schema is not None:
+            schema = {"name": "bench", "schema": job.schema, "strict": True}
+            payload["response_format"] = {"type": "json_schema", "json_schema": schema}
         counted = 0
         async with self.client().stream("POST", f"{self.base_url}/v1/completions", json=payload) as r:
             if r.status_code != 200:

@@ -151,6 +151,16 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction from 0 to 1, got {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     mode = p.add_argument_group("mode (one of)")
     mode.add_argument("--local", action="store_true", help="the engine in this process (the default)")
@@ -193,6 +203,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=32000, help="online: prompt token ids are below it")
     p.add_argument("--sample-interval", type=float, default=10.0, help="soak: seconds between RSS samples")
     p.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the memory-bandwidth probe")
+    p.add_argument("--constrained", type=_fraction, default=0.0, metavar="FRACTION",
+                   help="share of requests whose output must be JSON matching a mid-sized schema (0-1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--markdown", help="write the Markdown tables here")

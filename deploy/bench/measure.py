@@ -50,7 +50,8 @@ def level_jobs(args: argparse.Namespace, concurrency: int, vocab_size: int, repe
                default_n: int = 0) -> list[Job]:
     """The jobs of one concurrency level and repeat: the same for every system measured."""
     n = args.num_requests or default_n or concurrency
-    return make_jobs(n, args.prompt_len, args.output_len, vocab_size, args.seed + concurrency + 1000 * repeat)
+    return make_jobs(n, args.prompt_len, args.output_len, vocab_size, args.seed + concurrency + 1000 * repeat,
+                     args.constrained)
 
 
 def run_repeat(target: Any, args: argparse.Namespace, concurrency: int, name: str, facts: dict[str, Any],

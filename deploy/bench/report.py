@@ -20,7 +20,7 @@ def new_report(args: argparse.Namespace, facts: dict[str, Any] | None) -> dict[s
                 "num_requests": args.num_requests or "= concurrency", "concurrency": args.concurrency,
                 "seed": args.seed, "max_batch_tokens": args.max_batch_tokens, "greedy": True,
                 "ignore_eos": True, "threads": args.threads or "default",
-                "omp_wait_policy": args.omp_wait_policy}
+                "omp_wait_policy": args.omp_wait_policy, "constrained": args.constrained}
     return {"moray_bench": 1, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
             "model": facts, "preset": args.preset, "workload": workload, "runs": [], "bandwidth": None}
 

@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 def generate_request(job: Job) -> Any:
     from moray.model.engine import GenerateRequest
     from moray.model.sampling import SamplingParams
+    from moray.model.structured import Constraint
 
+    constraint = None if job.schema is None else Constraint.json_schema(job.schema)
     return GenerateRequest(list(job.prompt_ids), SamplingParams(max_tokens=job.max_tokens, temperature=0.0,
-                                                                ignore_eos=True))
+                                                                ignore_eos=True, constraint=constraint))
 
 
 def engine_config(args: argparse.Namespace, pingpong: bool, deterministic: bool = False) -> Any:

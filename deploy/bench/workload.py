@@ -57,18 +57,42 @@ class LengthDist:
         return str(self.low) if self.low == self.high else f"{self.low}:{self.high}"
 
 
+# `--constrained`'s JSON schema: mid-sized (nested object, array with bounds, enum, bounded numbers,
+# required and optional fields), as an application asking for structured output would send.
+BENCH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 4},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "required": ["name", "age", "role", "tags", "address"],
+    "additionalProperties": False,
+}
+
+
 @dataclass(frozen=True)
 class Job:
     prompt_ids: list[int]
     max_tokens: int
+    schema: dict[str, Any] | None = None  # the output must be JSON matching it (`--constrained`)
 
 
 def make_jobs(n: int, prompt_len: LengthDist, output_len: LengthDist, vocab_size: int,
-              seed: int) -> list[Job]:
-    """`n` jobs of random token ids in [3, vocab) (no BOS/EOS/UNK), the same for every system."""
+              seed: int, constrained: float = 0.0) -> list[Job]:
+    """`n` jobs of random token ids in [3, vocab) (no BOS/EOS/UNK), the same for every system; the
+    share `constrained` of them (spread evenly) asks for JSON matching `BENCH_SCHEMA`: such a job ends
+    where its JSON does (EOS ignored otherwise)."""
     rng = random.Random(seed)
-    return [Job([rng.randrange(3, vocab_size) for _ in range(prompt_len.sample(rng))], output_len.sample(rng))
+    jobs = [Job([rng.randrange(3, vocab_size) for _ in range(prompt_len.sample(rng))], output_len.sample(rng))
             for _ in range(n)]
+    return [Job(j.prompt_ids, j.max_tokens, BENCH_SCHEMA) if int((i + 1) * constrained) > int(i * constrained)
+            else j for i, j in enumerate(jobs)]
 
 
 class UsageCount(int):

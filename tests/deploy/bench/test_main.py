@@ -122,3 +122,26 @@ def test_bad_mode_combinations_fail_in_one_line(capsys: pytest.CaptureFixture[st
     assert cli_main(["bench", "--soak", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("moray: error:") for line in err)
+
+
+def test_constrained_jobs_get_json_matching_the_bench_schema(micro_dir: Path) -> None:
+    """`--constrained 0.5`: every other job asks for `BENCH_SCHEMA`, and the engine request the bench makes
+    of it (`generate_request`, what the local and actor targets send) gives JSON that validates."""
+    import jsonschema
+
+    from moray.deploy.bench.targets import generate_request
+    from moray.deploy.bench.workload import BENCH_SCHEMA
+
+    jobs = make_jobs(4, LengthDist(8, 8), LengthDist(400, 400), 32000, seed=1, constrained=0.5)
+    assert [j.schema is not None for j in jobs] == [False, True, False, True]
+    engine = LocalTarget(str(micro_dir), EngineConfig(max_batch_tokens=512)).engine
+
+    async def text(job: Any) -> tuple[str, str | None]:
+        events = [e async for e in engine.generate(generate_request(job))]
+        return "".join(e.text for e in events), events[-1].finish_reason
+
+    for job in jobs[1::2]:
+        out, finish = asyncio.run(text(job))
+        assert finish == "stop", out
+        jsonschema.validate(json.loads(out), BENCH_SCHEMA)
+    assert asyncio.run(text(jobs[0]))[1] == "length"  # unconstrained: EOS ignored, the full length
