@@ -34,6 +34,13 @@ from moray.deploy.api.engine import engine_client
 from moray.deploy.api.fanout import Started
 from moray.deploy.api.grpc import GrpcMixin
 from moray.deploy.api.http import create_api
+from moray.deploy.api.logprobs import (
+    chat_logprobs,
+    completion_logprobs,
+    logprob_rows,
+    prompt_logprobs,
+    prompt_rows,
+)
 from moray.deploy.api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -55,13 +62,8 @@ from moray.deploy.api.protocol import (
     SamplingFields,
     TokenLogprobs,
     Usage,
-    chat_logprobs,
     chunk_dict,
-    completion_logprobs,
-    logprob_rows,
     now,
-    prompt_logprobs,
-    prompt_rows,
     usage,
     with_token_ids,
 )

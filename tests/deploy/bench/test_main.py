@@ -79,11 +79,15 @@ def test_local_bench_writes_json_and_markdown(micro_dir: Path, tmp_path: Path) -
         assert 1 <= run["bound"]["experts_touched_per_layer"] <= SPEC.experts
     text = md.read_text()
     rows = markdown_rows(text)
-    assert len(rows) == 2 * (1 + len(report["runs"]))  # two tables: header + one row per run
+    runs_rows = 2 * (1 + len(report["runs"]))  # two tables: header + one row per run
     assert [r[:2] for r in rows[1:3]] == [["moray-local", "1"], ["moray-local", "3"]]
+    # then the kernels the probe chose: a row per (weight shape, row bucket probed; "-" when not probed)
+    choices = report["kernels"]["moray-local"]
+    want = [key for key, c in choices.items() for _ in (c["ms"] or "-")]
+    assert [r[1] for r in rows[runs_rows + 1:]] == want
     lines = table_lines(text)
-    first, second = lines[:4], lines[4:]
-    assert len({line.count("|") for line in first}) == 1 and len({line.count("|") for line in second}) == 1
+    tables = lines[:4], lines[4:8], lines[8:]
+    assert all(len({line.count("|") for line in table}) == 1 for table in tables)
 
 
 def test_http_target_through_the_openai_ingress(micro_dir: Path) -> None:
