@@ -68,6 +68,7 @@ class MixtralConfig:
             raise ConfigError("config.json has no rope_theta (top level or rope_parameters)")
         n_heads = _need(cfg, "num_attention_heads")
         dim = _need(cfg, "hidden_size")
+        quant = cfg.get("quantization_config")
         return cls(
             vocab_size=_need(cfg, "vocab_size"),
             dim=dim,
@@ -84,9 +85,7 @@ class MixtralConfig:
             bos_id=_first_id(cfg.get("bos_token_id"), 1),
             eos_id=_first_id(cfg.get("eos_token_id"), 2),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            checkpoint_quant=CheckpointQuant.from_hf(cfg["quantization_config"])
-            if cfg.get("quantization_config") is not None
-            else None,
+            checkpoint_quant=None if quant is None else CheckpointQuant.from_hf(quant),
         )
 
     @classmethod
