@@ -34,6 +34,8 @@ class MixtralConfig:
     bos_id: int = 1
     eos_id: int = 2
     tie_embeddings: bool = False
+    # The checkpoint's weight quantization (config.json `quantization_config`); None: plain float weights.
+    checkpoint_quant: CheckpointQuant | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -66,6 +68,7 @@ class MixtralConfig:
             raise ConfigError("config.json has no rope_theta (top level or rope_parameters)")
         n_heads = _need(cfg, "num_attention_heads")
         dim = _need(cfg, "hidden_size")
+        quant = cfg.get("quantization_config")
         return cls(
             vocab_size=_need(cfg, "vocab_size"),
             dim=dim,
@@ -82,6 +85,7 @@ class MixtralConfig:
             bos_id=_first_id(cfg.get("bos_token_id"), 1),
             eos_id=_first_id(cfg.get("eos_token_id"), 2),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            checkpoint_quant=None if quant is None else CheckpointQuant.from_hf(quant),
         )
 
     @classmethod
@@ -135,6 +139,58 @@ class MixtralConfig:
             "eos_token_id": self.eos_id,
             "tie_word_embeddings": self.tie_embeddings,
         }
+
+
+FP8_STRATEGIES = ("tensor", "channel")
+# Both store an 8-bit float weight as float8_e4m3fn beside its scale (the library writes "naive-quantized"
+# unless told "float-quantized", which public FP8 checkpoints carry).
+FP8_FORMATS = ("float-quantized", "naive-quantized")
+
+
+@dataclass(frozen=True)
+class CheckpointQuant:
+    """A compressed-tensors `quantization_config` that moray loads: FP8 (float8_e4m3fn) weights with a
+    `weight_scale` per tensor or per output channel. Weight-only: `input_scale` (static activation
+    scales) is not used, the weights are dequantized at load. Layers in `ignore` are stored unquantized
+    and are read as they are (the loader goes by the tensors: a weight with a `weight_scale` is FP8)."""
+
+    strategies: frozenset[str]  # weight strategies of its config groups: "tensor" and/or "channel"
+
+    @classmethod
+    def from_hf(cls, q: Any) -> CheckpointQuant:
+        if not isinstance(q, dict):
+            raise ConfigError("quantization_config must be a JSON object")
+        method = q.get("quant_method")
+        if method != "compressed-tensors":
+            raise ConfigError(f"unsupported quantization_config quant_method {method!r}: moray loads "
+                              "compressed-tensors FP8 checkpoints only")
+        fmt = q.get("format")
+        groups = q.get("config_groups") or {}
+        if not isinstance(groups, dict) or not groups:
+            raise ConfigError("compressed-tensors quantization_config has no config_groups")
+        return cls(frozenset(_fp8_strategy(name, g, fmt) for name, g in groups.items()))
+
+    def scale_sizes(self, out_features: int) -> set[int]:
+        """Element counts a `weight_scale` may have for a weight of `out_features` rows."""
+        return {n for s, n in (("tensor", 1), ("channel", out_features)) if s in self.strategies}
+
+
+def _fp8_strategy(name: str, group: Any, fmt: Any) -> str:
+    """The weight strategy of one config group, which must be FP8 per tensor or per channel."""
+    weights = group.get("weights") if isinstance(group, dict) else None
+    fmt = (group.get("format") if isinstance(group, dict) else None) or fmt
+    if not isinstance(weights, dict):
+        raise ConfigError(f"compressed-tensors config group {name!r} quantizes no weights")
+    kind = (weights.get("type"), weights.get("num_bits"), weights.get("strategy"))
+    if fmt not in FP8_FORMATS or kind[:2] != ("float", 8) or kind[2] not in FP8_STRATEGIES:
+        detail = f"format {fmt!r}, {kind[0]} {kind[1]}-bit weights, strategy {kind[2]!r}"
+        if weights.get("group_size"):
+            detail += f", group size {weights['group_size']}"
+        raise ConfigError(f"unsupported compressed-tensors config group {name!r} ({detail}): moray "
+                          "loads FP8 (float-quantized) weights per tensor or per channel only")
+    if weights.get("symmetric") is False:
+        raise ConfigError(f"unsupported compressed-tensors config group {name!r}: asymmetric FP8 weights")
+    return str(kind[2])
 
 
 def _need(cfg: dict[str, Any], key: str) -> Any:

@@ -4,6 +4,12 @@ A role names the tensors one process needs: the dispatcher loads `attention` (em
 attention, routers, lm_head); an expert shard loads `experts({layer: [expert ids]})`. Nothing
 else is read from disk. HF (`model.layers.{i}...`, single or sharded with an index) and Mistral
 consolidated (`layers.{i}...` + `params.json`) names map onto ours through one declarative table.
+
+FP8 checkpoints in the compressed-tensors format (`quantization_config`, config.py `CheckpointQuant`):
+a weight stored as float8_e4m3fn beside its `weight_scale` (per tensor or per output channel) is
+dequantized once here, `weight.float() * weight_scale`, into the serving dtype; `--quantization int8`
+then re-quantizes it like any float weight. Weights without a scale (the config's `ignore`, e.g.
+lm_head) are read as stored. `input_scale` (static FP8 activation scales) is not read: weight-only.
 """
 
 from __future__ import annotations
@@ -99,7 +105,8 @@ class Checkpoint:
     def checkpoint_name(self, ours: str, template: tuple[str, str]) -> str:
         return template[1 if self.consolidated else 0].format(**_fields(ours))
 
-    def read(self, ckpt_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def read(self, ckpt_name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+        """One tensor; `shape` (None: any) is checked."""
         path = self.file_of.get(ckpt_name)
         if path is None:
             raise CheckpointError(f"tensor {ckpt_name!r} is missing from the checkpoint in {self.dir}")
@@ -110,11 +117,33 @@ class Checkpoint:
                 t = st.get_tensor(ckpt_name)
             except (SafetensorError, RuntimeError) as e:
                 raise CheckpointError(f"cannot read tensor {ckpt_name!r} from {path}: {e}") from None
-        if tuple(t.shape) != shape:
+        if shape is not None and tuple(t.shape) != shape:
             raise CheckpointError(
                 f"tensor {ckpt_name!r} in {path} has shape {tuple(t.shape)}, config expects {shape}"
             )
         return t
+
+    def read_weight(self, ckpt_name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, list[str]]:
+        """A weight in a float dtype (FP8 ones dequantized to fp32) and the checkpoint names it read."""
+        t = self.read(ckpt_name, shape)
+        scale_name = ckpt_name.removesuffix(".weight") + ".weight_scale"
+        quant = self.config.checkpoint_quant
+        if quant is None or scale_name not in self.file_of:
+            if t.dtype in FP8_DTYPES:
+                raise CheckpointError(f"tensor {ckpt_name!r} is FP8 but the checkpoint has no "
+                                      f"{scale_name!r} (or no compressed-tensors quantization_config)")
+            return t, [ckpt_name]
+        scale = self.read(scale_name, None)
+        if t.dtype not in FP8_DTYPES or scale.numel() not in quant.scale_sizes(shape[0]):
+            raise CheckpointError(
+                f"tensor {ckpt_name!r} ({t.dtype}) with scale of shape {tuple(scale.shape)} is not an FP8 "
+                f"weight with per-{'/'.join(sorted(quant.strategies))} scales as quantization_config says"
+            )
+        rows = scale.reshape(-1, 1).float()  # [1 | N, 1]
+        return t.float() * rows, [ckpt_name, scale_name]
+
+
+FP8_DTYPES = (torch.float8_e4m3fn,)
 
 
 @dataclass(frozen=True)
@@ -175,11 +204,11 @@ def _load(
     tensors, loaded = {}, set()
     for ours, template, shape in wanted:
         name = ckpt.checkpoint_name(ours, template)
-        t = ckpt.read(name, shape)
+        t, names = ckpt.read_weight(name, shape)
         if ckpt.consolidated and ours.endswith((".wq", ".wk")):
             t = _unpermute_rotary(t, ckpt.config, heads_of(ours, ckpt.config))
         tensors[ours] = t.to(device=device, dtype=dtype)
-        loaded.add(name)
+        loaded.update(names)
     log.debug("loaded %d tensors from %s", len(loaded), ckpt.dir)
     return LoadedWeights(tensors, frozenset(loaded))
 

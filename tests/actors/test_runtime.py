@@ -7,6 +7,7 @@ import dataclasses
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,27 @@ def test_distributed_equals_local(
         if transport != "ray":  # every shard's rows went over its channel, not through Ray
             assert stats["channels"] == [1] * num_shards and stats["channels_opened"] == num_shards
             assert [info["channels"] for info in infos] == [1] * num_shards
+    finally:
+        rt.shutdown()
+
+
+def test_fp8_checkpoint_through_two_shards_equals_in_process(ray_session: Any, tiny4_dir: Path,
+                                                            make_fp8: Callable[..., Path]) -> None:
+    """A compressed-tensors FP8 checkpoint (per-channel scales, written by the library) through 2 shards over
+    the data plane: each shard dequantizes its own experts (resident: the fp32 size), and the greedy tokens
+    equal the in-process model's on the same checkpoint."""
+    fp8 = make_fp8(tiny4_dir, "channel", "float-quantized")
+    requests = [GenerateRequest(p, GREEDY) for p in prompts(2)]
+    want = local_run(fp8, requests)
+    rt = start_runtime(str(fp8), 2, ENGINE)
+    try:
+        for r, w in zip(requests, want, strict=True):
+            assert_same(rt.generate(r), w)
+        cfg = MixtralConfig.load(fp8)
+        assert cfg.checkpoint_quant is not None
+        for s, info in enumerate(ray.get([s.info.remote() for s in rt.shards])):
+            held = sum(len(v) for v in rt.placement.shard_experts(s).values())
+            assert info["param_bytes"] == held * cfg.expert_bytes(4)
     finally:
         rt.shutdown()
 

@@ -151,11 +151,42 @@ def startup_error_cases(tmp: Path, tiny_dir: Path, busy_port: int) -> dict[str, 
         "port-in-use": (["--model", str(tiny_dir), "--port", str(busy_port)], str(busy_port)),
         "bad-config-file": (["--config", str(tmp / "bad.yaml")], "bad.yaml"),
         "int8-kernel-without-int8": (["--model", str(tiny_dir), "--kernel", "int8"], "int8"),
+        **{case: (["--model", str(quantized_copy(tmp / case, tiny_dir, quant))], named)
+           for case, (quant, named) in UNSUPPORTED_QUANTIZATION.items()},
     }
 
 
+def int4_group(group_size: int) -> dict[str, Any]:
+    weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": group_size, "symmetric": True}
+    return {"group_0": {"targets": ["Linear"], "weights": weights, "format": "pack-quantized"}}
+
+
+FP8_WEIGHTS = {"num_bits": 8, "type": "float", "strategy": "tensor"}
+FP8_GROUPS = {"group_0": {"targets": ["Linear"], "weights": FP8_WEIGHTS}}
+# config.json `quantization_config`s moray cannot load -> the word its one-line error must name
+UNSUPPORTED_QUANTIZATION: dict[str, tuple[dict[str, Any], str]] = {
+    "quant-method-unknown": ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq"),
+    "int4-group-size": ({"quant_method": "compressed-tensors", "format": "pack-quantized",
+                         "config_groups": int4_group(128)}, "group size 128"),
+    "compressed-tensors-format-unknown": ({"quant_method": "compressed-tensors",
+                                           "format": "sparse-24-bitmask", "config_groups": FP8_GROUPS},
+                                          "sparse-24-bitmask"),
+}
+
+
+def quantized_copy(path: Path, plain: Path, quant: dict[str, Any]) -> Path:
+    """`plain`'s files (linked) under a config.json that declares `quant`."""
+    path.mkdir()
+    for f in plain.iterdir():
+        if f.name != "config.json":
+            (path / f.name).symlink_to(f)
+    cfg = json.loads((plain / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant}))
+    return path
+
+
 CASES = ["missing-checkpoint", "empty-checkpoint", "placement-misses-an-expert", "more-shards-than-experts",
-         "port-in-use", "bad-config-file", "int8-kernel-without-int8"]
+         "port-in-use", "bad-config-file", "int8-kernel-without-int8", *UNSUPPORTED_QUANTIZATION]
 
 
 @pytest.mark.parametrize("case", CASES)

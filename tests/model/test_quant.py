@@ -3,20 +3,16 @@ the next token fp32 picks agrees at >= 97 % of 512 positions, and its logprob mo
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from moray.model.kernels import KernelOptions
-from moray.model.kv_cache import KVCache
-from moray.model.layers import StepBatch
-from moray.model.mixtral import load_local
 from moray.model.tiny import TinySpec, make_tiny
 
 POSITIONS = 512
-BLOCK = 16
 # The tiny default, and one at the small preset's hidden sizes (D 1024, F 3584; fewer layers, experts
 # and vocabulary, so that it loads in a second): int8's error grows with K.
 SPECS = {
@@ -30,19 +26,6 @@ SPECS = {
 def ckpt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     spec = SPECS[request.param]
     return make_tiny(tmp_path_factory.mktemp(request.param), spec), spec.vocab
-
-
-def teacher_forced_logprobs(path: Path, tokens: list[int], options: KernelOptions,
-                            cache_dir: Path) -> torch.Tensor:
-    """log p(next | prefix) [n, V] at every position of `tokens`, one prefill through the model."""
-    model, experts = load_local(path, kernels=options.kernels(cache_dir=cache_dir),
-                                attention_kernels=options.kernels(attention=True, cache_dir=cache_dir))
-    blocks = list(range(-(-len(tokens) // BLOCK)))
-    kv = KVCache(model.cfg, num_blocks=len(blocks), block_size=BLOCK, dtype=torch.float32, device="cpu")
-    batch = StepBatch.for_sequence(tokens, 0, blocks, BLOCK, all_logits=True)
-    with torch.no_grad():
-        logits = asyncio.run(model.forward_step(batch, kv, experts))
-    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def agreement_and_delta(fp32: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
@@ -59,7 +42,8 @@ LEAST_AGREEMENT = {"tiny": 0.965, "hidden-size": 0.97}
 
 
 def test_int8_agrees_with_fp32_teacher_forced(
-    ckpt: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+    ckpt: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+    teacher_forced_local: Callable[..., torch.Tensor],
 ) -> None:
     """The experts int8 (the kernels the probe picks; each kernel's arithmetic: test_kernels.py), and at the
     hidden size the attention side and lm_head too (the tiny model's random 32000 x 128 lm_head is int8's
@@ -67,13 +51,13 @@ def test_int8_agrees_with_fp32_teacher_forced(
     path, vocab = ckpt
     cache = tmp_path_factory.getbasetemp() / "kernel-cache"
     tokens = torch.randint(3, vocab, (POSITIONS,), generator=torch.Generator().manual_seed(1)).tolist()
-    fp32 = teacher_forced_logprobs(path, tokens, KernelOptions(), cache)
+    fp32 = teacher_forced_local(path, tokens, KernelOptions(), cache)
     name = request.node.callspec.id
     settings = [KernelOptions(quantization="int8")]
     if name != "tiny":  # with fp32 activations: the bf16-activation kernel gives 96.7 % here (measured)
         settings.append(KernelOptions(quantization="int8", quantize_attention=True, force="int8-dequant"))
     least = LEAST_AGREEMENT[name]
     for options in settings:
-        agree, delta = agreement_and_delta(fp32, teacher_forced_logprobs(path, tokens, options, cache))
+        agree, delta = agreement_and_delta(fp32, teacher_forced_local(path, tokens, options, cache))
         assert agree >= least, f"{options}: int8 picks fp32's token at {agree:.1%} of {POSITIONS} positions"
         assert 0 < delta <= 0.05, f"{options}: mean |Δ logprob| of fp32's token: {delta:.4f}"
