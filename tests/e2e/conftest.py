@@ -65,6 +65,33 @@ def served_app(ray_session: Any, tiny_dir: Path) -> Iterator[ServedApp]:
     serve.shutdown()
 
 
+# ---- a second app: an API key and a short request timeout -----------------------------------------------
+KEYED_API_KEY = "sk-moray-keyed-test"  # tests read it from the fixture's config
+KEYED_TIMEOUT_S = 5.0  # its request timeout: long streams end with a 504 error event
+
+
+@pytest.fixture(scope="session")
+def keyed_app(served_app: ServedApp) -> Iterator[ServedApp]:
+    """One app with an API key and a 5 s request timeout, on the same proxies under its own route prefix
+    (HTTP: `http_url`) and behind its own moray gRPC server (`grpc_target`): the HTTP and gRPC key tests
+    share it, so the suite starts it once."""
+    from ray import serve
+
+    from moray.deploy.api.grpc_server import GrpcServer
+    from moray.deploy.app import build_app
+
+    name = "moray-keyed"
+    config = served_app.config.model_copy(update={
+        "app_name": name, "api_key": KEYED_API_KEY, "request_timeout_s": KEYED_TIMEOUT_S, "num_shards": 1,
+        "max_num_seqs": 4, "max_batch_tokens": 64, "dispatcher_cpus": 0.5})
+    handle = serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    grpc = GrpcServer("127.0.0.1", free_port(), handle).start()
+    yield ServedApp(f"{served_app.http_url}/{name}", grpc.address, name, served_app.model_name,
+                    served_app.model_dir, served_app.ray_address, config)
+    grpc.stop()
+    serve.delete(name)
+
+
 def wait_ready(http_url: str, timeout_s: float = READY_S) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -147,44 +147,31 @@ def test_still_answers_after_errors(served_app: Any, stub: Any, metadata: Any) -
 
 
 # ---- API key -----------------------------------------------------------------------------------
-API_KEY = "sk-moray-grpc-test"
+@pytest.fixture(scope="module")
+def keyed_stub(keyed_app: Any) -> Iterator[moray_pb2_grpc.MorayStub]:
+    """moray's gRPC server for the keyed app (tests/e2e/conftest.py)."""
+    with grpc.insecure_channel(keyed_app.grpc_target) as channel:
+        yield moray_pb2_grpc.MorayStub(channel)
 
 
 @pytest.fixture(scope="module")
-def keyed_stub(served_app: Any) -> Iterator[moray_pb2_grpc.MorayStub]:
-    """A second app with an API key, and moray's gRPC server for it on a port of its own."""
-    from ray import serve
-
-    from moray.deploy.api.grpc_server import GrpcServer
-    from moray.deploy.app import build_app
-    from moray.deploy.serve.network import free_port
-
-    name = "moray-keyed"
-    config = served_app.config.model_copy(update={
-        "app_name": name, "api_key": API_KEY, "num_shards": 1, "max_num_seqs": 4, "max_batch_tokens": 64,
-        "dispatcher_cpus": 0.5})
-    server = GrpcServer("127.0.0.1", free_port(), serve.run(build_app(config), name=name,
-                                                            route_prefix=f"/{name}")).start()
-    channel = grpc.insecure_channel(server.address)
-    yield moray_pb2_grpc.MorayStub(channel)
-    channel.close()
-    server.stop()
-    serve.delete(name)
+def key(keyed_app: Any) -> str:
+    return str(keyed_app.config.api_key)
 
 
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", f"Basic {API_KEY}", "Bearer "],
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", "Basic {key}", "Bearer "],
                          ids=["missing", "wrong", "not-bearer", "empty"])
-def test_api_key_required(keyed_stub: Any, authorization: str | None) -> None:
-    metadata = (("authorization", authorization),) if authorization else ()
+def test_api_key_required(keyed_stub: Any, key: str, authorization: str | None) -> None:
+    metadata = (("authorization", authorization.format(key=key)),) if authorization else ()
     for call in (generate, stream):
         with pytest.raises(grpc.RpcError) as info:
             call(keyed_stub, metadata, prompt=PROMPT, max_tokens=2)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert API_KEY not in info.value.details()
+        assert key not in info.value.details()
 
 
-def test_api_key_accepted(stub: Any, metadata: Any, keyed_stub: Any) -> None:
-    keyed = (("authorization", f"Bearer {API_KEY}"),)
+def test_api_key_accepted(stub: Any, metadata: Any, keyed_stub: Any, key: str) -> None:
+    keyed = (("authorization", f"Bearer {key}"),)
     fields = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0.0}
     expected = generate(stub, metadata, **fields)  # the same checkpoint, served without a key
     assert generate(keyed_stub, keyed, **fields).token_ids == expected.token_ids

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -461,50 +460,40 @@ def test_readme_openai_example(readme: Readme, capsys: pytest.CaptureFixture[str
     assert capsys.readouterr().out.strip()
 
 
-# ---- a second app: an API key and a short request timeout ------------------------------------------------
-API_KEY = "sk-moray-http-test"
-SHORT_TIMEOUT_S = 5.0
+# ---- the keyed app (an API key and a 5 s request timeout; tests/e2e/conftest.py) ---------------------------
+@pytest.fixture(scope="module")
+def keyed_url(keyed_app: ServedApp) -> str:
+    return str(keyed_app.http_url)
 
 
 @pytest.fixture(scope="module")
-def keyed_url(served_app: ServedApp) -> Iterator[str]:
-    """A second app on the same proxies under a route prefix, with an API key and a 5 s request timeout."""
-    from ray import serve
-
-    from moray.deploy.app import build_app
-
-    name = "moray-keyed-http"
-    config = served_app.config.model_copy(update={
-        "app_name": name, "api_key": API_KEY, "request_timeout_s": SHORT_TIMEOUT_S, "num_shards": 1,
-        "max_num_seqs": 4, "max_batch_tokens": 64, "dispatcher_cpus": 0.5})
-    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
-    yield f"{served_app.http_url}/{name}"
-    serve.delete(name)
+def key(keyed_app: ServedApp) -> str:
+    return str(keyed_app.config.api_key)
 
 
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {API_KEY}", "Bearer"],
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic {key}", "Bearer"],
                          ids=["missing", "wrong", "not-bearer", "empty"])
-def test_api_key_is_required(keyed_url: str, authorization: str | None) -> None:
-    headers = {"Authorization": authorization} if authorization else {}
+def test_api_key_is_required(keyed_url: str, key: str, authorization: str | None) -> None:
+    headers = {"Authorization": authorization.format(key=key)} if authorization else {}
     for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/v1/moray/status")):
         r = httpx.request(method, f"{keyed_url}{path}", json={"prompt": "x"}, headers=headers,
                           timeout=TIMEOUT_S)
         assert r.status_code == 401, r.text
-        assert r.json()["error"]["code"] == 401 and API_KEY not in r.text
+        assert r.json()["error"]["code"] == 401 and key not in r.text
 
 
-def test_api_key_accepted_and_health_open(keyed_url: str) -> None:
+def test_api_key_accepted_and_health_open(keyed_url: str, key: str) -> None:
     assert httpx.get(f"{keyed_url}/health", timeout=TIMEOUT_S).status_code == 200
-    keyed = openai.OpenAI(base_url=f"{keyed_url}/v1", api_key=API_KEY, max_retries=2, timeout=TIMEOUT_S)
+    keyed = openai.OpenAI(base_url=f"{keyed_url}/v1", api_key=key, max_retries=2, timeout=TIMEOUT_S)
     r = keyed.completions.create(model="moray-tiny-e2e", prompt="x", max_tokens=1, temperature=0)
     assert r.usage is not None and r.usage.completion_tokens == 1
 
 
-def test_an_error_after_the_stream_started_is_an_error_event(keyed_url: str) -> None:
+def test_an_error_after_the_stream_started_is_an_error_event(keyed_url: str, key: str) -> None:
     """The request timeout strikes mid-stream: `data: {"error": ...}` then `data: [DONE]`."""
     body = {"prompt": [1, 42], "max_tokens": 4000, "temperature": 0, "ignore_eos": True, "stream": True}
-    r = httpx.post(f"{keyed_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
-                   timeout=TIMEOUT_S)
+    auth = {"Authorization": f"Bearer {key}"}
+    r = httpx.post(f"{keyed_url}/v1/completions", json=body, headers=auth, timeout=TIMEOUT_S)
     assert r.status_code == 200
     events = r.text.split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""]
@@ -512,5 +501,5 @@ def test_an_error_after_the_stream_started_is_an_error_event(keyed_url: str) -> 
     assert error["code"] == 504 and set(error) == {"message", "type", "param", "code"}
     assert len(events) > 4  # tokens came before the error
     unary = httpx.post(f"{keyed_url}/v1/completions", json={**body, "stream": False},
-                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=TIMEOUT_S)
+                       headers=auth, timeout=TIMEOUT_S)
     assert unary.status_code == 504 and unary.json()["error"]["code"] == 504

@@ -246,7 +246,7 @@ def test_killed_expert_replica_loses_no_tokens(fault_app: FaultApp, oracle: Orac
 
 # ---- an expert replica hangs mid-generation ---------------------------------------------------------------
 HANG_APP = "moray-hangs"
-HANG_TOKENS = 256
+HANG_TOKENS = 128
 MAX_PAUSE_S = 5.0  # issue 20: with a healthy sibling replica, no stream waits longer between two tokens
 
 
@@ -421,7 +421,7 @@ def test_killed_dispatcher_ends_streams_with_errors_then_recovers(fault_app: Fau
 
 # ---- streams resume on a live dispatcher ------------------------------------------------------------------
 RESUME_APP = "moray-resume"
-RESUME_TOKENS = 150
+RESUME_TOKENS = 80
 
 
 @pytest.fixture(scope="module")
