@@ -278,14 +278,15 @@ def moray_warnings(server: Server) -> list[str]:
 GRPC_PORT = "{grpc_port}"  # in `started`'s args: a gRPC port picked (and re-picked) with the HTTP one
 
 
-def started(args: list[str], host: str = "127.0.0.1", env: dict[str, str] | None = None) -> Server:
+def started(args: list[str], host: str = "127.0.0.1", env: dict[str, str] | None = None,
+            shards: int = 2) -> Server:
     """`moray serve --port PORT ARGS`, healthy and past its ready line; `server.port` is PORT.
 
     The ports are free on every address when picked, and picked again when another process took one
     before the server bound it (the suite's Ray processes open ports all the time)."""
     for _ in range(3):
         port, grpc_port = free_port("0.0.0.0"), free_port("0.0.0.0")
-        server = Server(["--port", str(port), "--num-shards", "2",
+        server = Server(["--port", str(port), "--num-shards", str(shards),
                          *(a.replace(GRPC_PORT, str(grpc_port)) for a in args)], env)
         server.port, server.grpc_port = port, grpc_port
         try:
@@ -326,7 +327,7 @@ def test_exposed_with_a_key_answers_elsewhere_and_refuses_without() -> None:
 
 
 def test_exposed_without_a_key_warns_once() -> None:
-    server = started(["--host", "0.0.0.0"])
+    server = started(["--host", "0.0.0.0"], shards=1)  # the warning is the app's; one shard is enough
     try:
         warnings = moray_warnings(server)
         assert len(warnings) == 1 and "0.0.0.0" in warnings[0] and "API key" in warnings[0], server.lines
