@@ -9,23 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from moray.model.config import MixtralConfig
 from moray.model.kernels import KernelOptions
-from moray.model.tiny import TinySpec, make_tiny
 
 POSITIONS = 512
-# The tiny default, and one at the small preset's hidden sizes (D 1024, F 3584; fewer layers, experts
-# and vocabulary, so that it loads in a second): int8's error grows with K.
-SPECS = {
-    "tiny": TinySpec(),
-    "hidden-size": TinySpec(layers=2, dim=1024, heads=8, kv_heads=2, experts=4, hidden=3584, vocab=4096,
-                            seed=3),
-}
 
 
-@pytest.fixture(scope="module", params=list(SPECS))
-def ckpt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    spec = SPECS[request.param]
-    return make_tiny(tmp_path_factory.mktemp(request.param), spec), spec.vocab
+@pytest.fixture(scope="module", params=["tiny", "hidden-size"])
+def ckpt(request: pytest.FixtureRequest) -> tuple[Path, int]:
+    """The tiny default, and one at the small preset's hidden sizes (conftest's `hidden_size_dir`): int8's
+    error grows with K."""
+    path: Path = request.getfixturevalue(f"{request.param.replace('-', '_')}_dir")
+    return path, MixtralConfig.load(path).vocab_size
 
 
 def agreement_and_delta(fp32: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
@@ -35,10 +30,15 @@ def agreement_and_delta(fp32: torch.Tensor, other: torch.Tensor) -> tuple[float,
     return agree, (other.gather(1, choice) - fp32.gather(1, choice)).abs().mean().item()
 
 
-# The tiny model's random logits are nearly flat (the top token has p ~ 0.1 %, median gap to the second
-# 0.14 nats), so a logprob change of ~0.01 flips a few of them: measured 496/512 = 96.9 % with fp32
-# activations, 97.3 % with bf16 ones. At the hidden size, every kernel agrees >= 98 %.
-LEAST_AGREEMENT = {"tiny": 0.965, "hidden-size": 0.97}
+# The tiny model's random logits are nearly flat (fp32's top token has p ~ 0.1 %; the gap to the second is
+# 0.14 nats at the median, < 0.012 at 5 % of the positions), so int8's mean logprob change of ~0.007 flips
+# a few positions; a few others move far more than the mean (up to 0.29 nats; gaps of 0.1-0.2 flipped),
+# as a changed top-2 at a router's near-tie would.
+# Measured on the tiny model as it is (vocab 32768): 506/512 = 98.8 %; with the scale torchao and gpt-fast
+# use (amax / 127.5, codes -128..127) 497/512 = 97.1 % (another draw of the same rounding noise, not a
+# worse recipe); on the tiny model as it was before its vocab grew to 32768 (other random weights): 496/512.
+# At the hidden size, every kernel agrees >= 98 %.
+LEAST_AGREEMENT = 0.97
 
 
 def test_int8_agrees_with_fp32_teacher_forced(
@@ -56,8 +56,7 @@ def test_int8_agrees_with_fp32_teacher_forced(
     settings = [KernelOptions(quantization="int8")]
     if name != "tiny":  # with fp32 activations: the bf16-activation kernel gives 96.7 % here (measured)
         settings.append(KernelOptions(quantization="int8", quantize_attention=True, force="int8-dequant"))
-    least = LEAST_AGREEMENT[name]
     for options in settings:
         agree, delta = agreement_and_delta(fp32, teacher_forced_local(path, tokens, options, cache))
-        assert agree >= least, f"{options}: int8 picks fp32's token at {agree:.1%} of {POSITIONS} positions"
+        assert agree >= LEAST_AGREEMENT, f"{options}: int8 picks fp32's token at {agree:.1%} of {POSITIONS}"
         assert 0 < delta <= 0.05, f"{options}: mean |Δ logprob| of fp32's token: {delta:.4f}"
