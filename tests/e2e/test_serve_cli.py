@@ -75,7 +75,9 @@ class Server:
                                      env={**clean_env(self.mark), **(env or {})}, start_new_session=True)
         self.lines: list[str] = []
         self.tree: set[tuple[int, float]] = set()  # (pid, create time) of every child seen
-        threading.Thread(target=self._read, daemon=True).start()
+        self.port = self.grpc_port = 0  # set by `started`
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -273,20 +275,38 @@ def moray_warnings(server: Server) -> list[str]:
     return [line for line in server.lines if line.startswith("moray: warning")]
 
 
-def started(args: list[str], port: int, host: str = "127.0.0.1", env: dict[str, str] | None = None) -> Server:
-    """`moray serve --port PORT ARGS`, healthy and past its ready line."""
-    server = Server(["--port", str(port), "--num-shards", "2", *args], env)
-    server.wait_ready(f"http://{host}:{port}/health")
-    deadline = time.monotonic() + 30
-    while not any("ready:" in line for line in server.lines):
-        assert time.monotonic() < deadline, server.lines
-        time.sleep(0.2)
-    return server
+GRPC_PORT = "{grpc_port}"  # in `started`'s args: a gRPC port picked (and re-picked) with the HTTP one
+
+
+def started(args: list[str], host: str = "127.0.0.1", env: dict[str, str] | None = None) -> Server:
+    """`moray serve --port PORT ARGS`, healthy and past its ready line; `server.port` is PORT.
+
+    The ports are free on every address when picked, and picked again when another process took one
+    before the server bound it (the suite's Ray processes open ports all the time)."""
+    for _ in range(3):
+        port, grpc_port = free_port("0.0.0.0"), free_port("0.0.0.0")
+        server = Server(["--port", str(port), "--num-shards", "2",
+                         *(a.replace(GRPC_PORT, str(grpc_port)) for a in args)], env)
+        server.port, server.grpc_port = port, grpc_port
+        try:
+            server.wait_ready(f"http://{host}:{port}/health")
+        except AssertionError:
+            server.reader.join(timeout=10)  # the exited server's last lines
+            if server.proc.poll() is not None and any("is not free" in line for line in server.lines):
+                continue
+            raise
+        deadline = time.monotonic() + 30
+        while not any("ready:" in line for line in server.lines):
+            assert time.monotonic() < deadline, server.lines
+            time.sleep(0.2)
+        return server
+    raise AssertionError("three picked ports were taken before the server bound them")
 
 
 def test_exposed_with_a_key_answers_elsewhere_and_refuses_without() -> None:
-    ip, port, grpc_port, key = machine_ip(), free_port(), free_port(), "k-" + os.urandom(8).hex()
-    server = started(["--host", "0.0.0.0", "--grpc-port", str(grpc_port), "--api-key", key], port, ip)
+    ip, key = machine_ip(), "k-" + os.urandom(8).hex()
+    server = started(["--host", "0.0.0.0", "--grpc-port", GRPC_PORT, "--api-key", key], ip)
+    port, grpc_port = server.port, server.grpc_port
     try:
         models = f"http://{ip}:{port}/v1/models"
         assert httpx.get(models, headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code == 200
@@ -306,8 +326,7 @@ def test_exposed_with_a_key_answers_elsewhere_and_refuses_without() -> None:
 
 
 def test_exposed_without_a_key_warns_once() -> None:
-    port = free_port()
-    server = started(["--host", "0.0.0.0"], port)
+    server = started(["--host", "0.0.0.0"])
     try:
         warnings = moray_warnings(server)
         assert len(warnings) == 1 and "0.0.0.0" in warnings[0] and "API key" in warnings[0], server.lines
@@ -382,8 +401,8 @@ def test_default_flags_answer_on_loopback_only_second_drivers_join_and_stop_clea
     ray_tmp = Path(tempfile.mkdtemp(prefix="moray-"))  # short: Ray's socket paths live under it
     env = {"RAY_TMPDIR": str(ray_tmp)}
     drivers = {**env, **routable_env(ray_tmp)}
-    port = free_port()
-    server = started([], port, env=env)
+    server = started([], env=env)
+    port = server.port
     try:
         assert_loopback_only(server, port)
         body = {"model": "moray-tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
