@@ -42,6 +42,19 @@ def tiny4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny4"), spec, shards=2)
 
 
+# The small preset's hidden sizes (D 1024, F 3584) with fewer layers, experts and vocabulary, so that it loads
+# in a second: the quantization tests' second model (int8's error grows with K; the tiny model's D is 128).
+HIDDEN_SIZE_SPEC = dict(layers=2, dim=1024, heads=8, kv_heads=2, experts=4, hidden=3584, vocab=4096, seed=3)
+
+
+@pytest.fixture(scope="session")
+def hidden_size_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random checkpoint at the small preset's hidden sizes (`HIDDEN_SIZE_SPEC`), made once."""
+    from moray.model.tiny import TinySpec, make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("hidden-size"), TinySpec(**HIDDEN_SIZE_SPEC))
+
+
 @pytest.fixture(scope="session")
 def make_fp8(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """`make_fp8(plain_dir, strategy, fmt=None)`: an FP8 copy of a plain checkpoint, written by the
@@ -86,6 +99,7 @@ class Scored:
     tokens: list[int]
     logprobs: list[float]  # log p(tokens[i + 1] | tokens[: i + 1])
     argmax: list[int]  # the model's most likely token after tokens[: i + 1]
+    top: list[dict[int, float]]  # the k most likely next tokens after tokens[: i + 1] -> their logprobs
 
     def agreement(self, other: Scored) -> float:
         """Share of positions where both models' most likely next tokens are the same."""
@@ -99,29 +113,43 @@ class Scored:
         deltas = [abs(a - b) for a, b in zip(self.logprobs, other.logprobs, strict=True)]
         return sum(deltas) / len(deltas)
 
+    def choice_deltas(self, other: Scored) -> list[float]:
+        """|difference| of the logprob of this model's most likely next token, position by position; `other`
+        must have been scored with enough `top` to hold it (its top-k logprobs)."""
+        assert self.tokens == other.tokens, "scores of different sequences"
+        out = []
+        for i, (mine, theirs) in enumerate(zip(self.top, other.top, strict=True)):
+            choice = self.argmax[i]
+            assert choice in theirs, f"position {i}: token {choice} not in the other's top {len(theirs)}"
+            out.append(abs(mine[choice] - theirs[choice]))
+        return out
 
-def score_tokens(base_url: str, model: str, tokens: list[int], api_key: str = "unused") -> Scored:
+
+def score_tokens(base_url: str, model: str, tokens: list[int], api_key: str = "unused",
+                 top: int = 1) -> Scored:
     """Score `tokens` (ids, BOS included if wanted) through a served app's `/v1/completions` as users and
     lm-evaluation-harness do: `echo` + `logprobs`, `max_tokens` 0, with the official `openai` client. The
     legacy `token_logprobs` give the logprobs; vLLM's `prompt_logprobs` (asked for in the same request,
-    k = 1) give the ids of the most likely tokens (rank 1)."""
+    k = `top`) give the ids of the most likely tokens (rank 1) and the `top` most likely ones' logprobs."""
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=300.0)
     out = client.completions.create(model=model, prompt=tokens, echo=True, logprobs=1, max_tokens=0,
-                                    temperature=0, extra_body={"prompt_logprobs": 1})
+                                    temperature=0, extra_body={"prompt_logprobs": top})
     choice = out.choices[0]
     assert choice.logprobs is not None and choice.logprobs.token_logprobs is not None
     legacy = choice.logprobs.token_logprobs
     ranked = (choice.model_extra or {})["prompt_logprobs"]
     assert len(legacy) == len(ranked) == len(tokens) and legacy[0] is None and ranked[0] is None
     argmax = [next(int(t) for t, e in entry.items() if e["rank"] == 1) for entry in ranked[1:]]
-    return Scored(list(tokens), [float(lp) for lp in legacy[1:]], argmax)
+    best = [{int(t): float(e["logprob"]) for t, e in entry.items() if e["rank"] <= top}
+            for entry in ranked[1:]]
+    return Scored(list(tokens), [float(lp) for lp in legacy[1:]], argmax, best)
 
 
 @pytest.fixture(scope="session")
 def teacher_forced() -> Callable[..., Scored]:
-    """`teacher_forced(base_url, model, tokens, api_key="unused") -> Scored` (`score_tokens`)."""
+    """`teacher_forced(base_url, model, tokens, api_key="unused", top=1) -> Scored` (`score_tokens`)."""
     return score_tokens
 
 

@@ -1,31 +1,31 @@
 """Weight-only int8 (`--quantization int8`) against fp32, teacher-forced through the model's own forward:
-the next token fp32 picks agrees at >= 97 % of 512 positions, and its logprob moves <= 0.05 on average."""
+the next token fp32 picks agrees at >= 97 % of 512 positions, and its logprob moves <= 0.05 on average.
+
+Int8 experts alone are scored through the server, on the tiny model and at the hidden size
+(tests/e2e/test_quant_served.py); here, in process, what the server test does not serve: the attention side
+and lm_head int8 too (`--quantize-attention`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch
 
+from moray.model.config import MixtralConfig
 from moray.model.kernels import KernelOptions
-from moray.model.tiny import TinySpec, make_tiny
 
 POSITIONS = 512
-# The tiny default, and one at the small preset's hidden sizes (D 1024, F 3584; fewer layers, experts
-# and vocabulary, so that it loads in a second): int8's error grows with K.
-SPECS = {
-    "tiny": TinySpec(),
-    "hidden-size": TinySpec(layers=2, dim=1024, heads=8, kv_heads=2, experts=4, hidden=3584, vocab=4096,
-                            seed=3),
-}
-
-
-@pytest.fixture(scope="module", params=list(SPECS))
-def ckpt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    spec = SPECS[request.param]
-    return make_tiny(tmp_path_factory.mktemp(request.param), spec), spec.vocab
+# Measured here (docs/performance.md, issue 23), int8 experts: the tiny model 506/512 = 98.8 % (mean |Δ|
+# 0.0074), the hidden size 98.2-98.4 % with every int8 kernel. On a random model which positions flip is a
+# draw of the rounding noise: fp32's top-2 gap is under 0.012 nats at 5 % of the positions, int8's mean
+# change ~0.007, and a few positions move up to 0.29 (as a router's changed top-2 would). torchao's scale
+# (amax / 127.5, codes -128..127) draws 97.1 % on the tiny model, 98.8 % at the hidden size. The tiny model's
+# earlier 96.9 % (496/512) was its weights before the vocabulary grew to 32768: TinySpec(vocab=32000) gives
+# 496. Experts + attention + lm_head at the hidden size: 98.0 % with fp32 inputs, 96.7 % with the
+# bf16-input kernel; the tiny model's random lm_head ([V, 128]) is int8's worst case (92 % measured on its
+# 32000-token weights).
+LEAST_AGREEMENT = 0.97
 
 
 def agreement_and_delta(fp32: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
@@ -35,29 +35,14 @@ def agreement_and_delta(fp32: torch.Tensor, other: torch.Tensor) -> tuple[float,
     return agree, (other.gather(1, choice) - fp32.gather(1, choice)).abs().mean().item()
 
 
-# The tiny model's random logits are nearly flat (the top token has p ~ 0.1 %, median gap to the second
-# 0.14 nats), so a logprob change of ~0.01 flips a few of them: measured 496/512 = 96.9 % with fp32
-# activations, 97.3 % with bf16 ones. At the hidden size, every kernel agrees >= 98 %.
-LEAST_AGREEMENT = {"tiny": 0.965, "hidden-size": 0.97}
-
-
-def test_int8_agrees_with_fp32_teacher_forced(
-    ckpt: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
-    teacher_forced_local: Callable[..., torch.Tensor],
+def test_int8_attention_and_experts_agree_with_fp32_teacher_forced(
+    hidden_size_dir: Path, tmp_path: Path, teacher_forced_local: Callable[..., torch.Tensor],
 ) -> None:
-    """The experts int8 (the kernels the probe picks; each kernel's arithmetic: test_kernels.py), and at the
-    hidden size the attention side and lm_head too (the tiny model's random 32000 x 128 lm_head is int8's
-    worst case: 92 % measured)."""
-    path, vocab = ckpt
-    cache = tmp_path_factory.getbasetemp() / "kernel-cache"
+    """At the hidden size, with fp32 inputs (`int8-dequant`; each kernel's arithmetic: test_kernels.py)."""
+    vocab = MixtralConfig.load(hidden_size_dir).vocab_size
     tokens = torch.randint(3, vocab, (POSITIONS,), generator=torch.Generator().manual_seed(1)).tolist()
-    fp32 = teacher_forced_local(path, tokens, KernelOptions(), cache)
-    name = request.node.callspec.id
-    settings = [KernelOptions(quantization="int8")]
-    if name != "tiny":  # with fp32 activations: the bf16-activation kernel gives 96.7 % here (measured)
-        settings.append(KernelOptions(quantization="int8", quantize_attention=True, force="int8-dequant"))
-    least = LEAST_AGREEMENT[name]
-    for options in settings:
-        agree, delta = agreement_and_delta(fp32, teacher_forced_local(path, tokens, options, cache))
-        assert agree >= least, f"{options}: int8 picks fp32's token at {agree:.1%} of {POSITIONS} positions"
-        assert 0 < delta <= 0.05, f"{options}: mean |Δ logprob| of fp32's token: {delta:.4f}"
+    fp32 = teacher_forced_local(hidden_size_dir, tokens, KernelOptions(), tmp_path)
+    options = KernelOptions(quantization="int8", quantize_attention=True, force="int8-dequant")
+    agree, delta = agreement_and_delta(fp32, teacher_forced_local(hidden_size_dir, tokens, options, tmp_path))
+    assert agree >= LEAST_AGREEMENT, f"int8 picks fp32's token at {agree:.1%} of {POSITIONS} positions"
+    assert 0 < delta <= 0.05, f"mean |Δ logprob| of fp32's token: {delta:.4f}"

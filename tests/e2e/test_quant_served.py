@@ -1,0 +1,133 @@
+"""Quantized serving scored through the server the way users score a model (issue 23's acceptance): an app
+scores 512 positions teacher-forced with `echo` + `logprobs` (and vLLM's `prompt_logprobs`;
+`tests/conftest.py` `score_tokens`), and each expert-shard replica's resident expert bytes come from the
+replicas' own reports (`/v1/moray/status`, what `moray status` prints).
+
+- int8 (`--quantization int8`, the experts), against the fp32 app of the same checkpoint scored the same
+  way: it picks fp32's next token at >= 97 % of the positions and moves the logprob of fp32's choice by
+  <= 0.05 on average, on the tiny model and on one at the small preset's hidden sizes; its replicas hold
+  <= 0.27x the fp32 replicas' expert bytes.
+- FP8 (a compressed-tensors checkpoint written by the library, dequantized at load), against its
+  dequantized fp32 weights (`weight.float() * weight_scale`, a plain checkpoint) in process: the same
+  choices everywhere, logprobs within 1e-4; its replicas hold the serving dtype's (fp32) size.
+
+The apps start together beside `served_app`, on its proxies; the tiny model's fp32 app is `served_app`
+itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from moray.model.config import MixtralConfig
+from moray.model.kernels import KernelOptions
+
+ServedApp = Any  # conftest's `served_app` fixture
+POSITIONS = 512
+TOP = 20  # prompt_logprobs asked of a quantized app: its 20 most likely tokens hold fp32's choice
+TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base_url: str  # .../v1
+    model_name: str
+    model_dir: Path
+
+    def tokens(self) -> list[int]:
+        """The in-process test's 512 tokens (tests/model/test_quant.py) and one more: 512 positions scored."""
+        vocab = MixtralConfig.load(self.model_dir).vocab_size
+        return torch.randint(3, vocab, (POSITIONS + 1,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def replicas(self) -> dict[str, list[dict[str, Any]]]:
+        """Each expert shard's replicas' own reports (placement, resident bytes), from `/v1/moray/status`."""
+        r = httpx.get(f"{self.base_url}/moray/status", timeout=TIMEOUT_S)
+        assert r.status_code == 200, r.text
+        return {shard: s["replicas"] for shard, s in r.json()["shards"].items()}
+
+
+def byte_ratios(app: Endpoint, reference: Endpoint) -> list[float]:
+    """Resident expert bytes of each of `app`'s shard replicas / those of `reference`'s replica holding the
+    same experts (one replica per shard)."""
+    theirs = reference.replicas()
+    out = []
+    for shard, mine in app.replicas().items():
+        assert [r["experts"] for r in mine] == [r["experts"] for r in theirs[shard]]  # the same placement
+        out += [r["param_bytes"] / t["param_bytes"] for r, t in zip(mine, theirs[shard], strict=True)]
+    assert out and len(out) == len(theirs)
+    return out
+
+
+# app name -> (checkpoint fixture, quantization, shards): as many shards as the app it is compared with
+# (`served_app` has 2), as few as that allows (each replica is a process to start); fp8: the tiny model in
+# FP8 (per-tensor scales), through 2 shards over HTTP
+APPS = {"moray-tiny-int8": ("tiny_dir", "int8", 2), "moray-hidden-fp32": ("hidden_size_dir", "none", 1),
+        "moray-hidden-int8": ("hidden_size_dir", "int8", 1), "moray-fp8": ("fp8_dir", "none", 2)}
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(tiny_dir: Path, make_fp8: Callable[..., Path]) -> Path:
+    return make_fp8(tiny_dir, "tensor", "float-quantized")
+
+
+@pytest.fixture(scope="module")
+def apps(served_app: ServedApp, request: pytest.FixtureRequest) -> Iterator[dict[str, Endpoint]]:
+    """`APPS` and the tiny model's fp32 app ("moray-tiny-fp32": `served_app`), by name. 8 sequences and 128
+    tokens a step each (a 513-token prompt is prefilled in 5 chunks)."""
+    from ray import serve
+
+    from moray.deploy.app import build_app
+
+    configs = [served_app.config.model_copy(update={
+        "app_name": name, "model": str(request.getfixturevalue(ckpt)), "served_model_name": name,
+        "quantization": quantization, "num_shards": shards, "max_num_seqs": 8, "max_batch_tokens": 128,
+        "max_waiting": 16, "dispatcher_cpus": 0.25, "shard_cpus": 0.25})
+        for name, (ckpt, quantization, shards) in APPS.items()]
+    serve.run_many([serve.RunTarget(build_app(c), name=c.app_name, route_prefix=f"/{c.app_name}")
+                    for c in configs])
+    out = {c.app_name: Endpoint(f"{served_app.http_url}/{c.app_name}/v1", c.app_name, Path(str(c.model)))
+           for c in configs}
+    out["moray-tiny-fp32"] = Endpoint(served_app.base_url, served_app.model_name, served_app.model_dir)
+    yield out
+    for c in configs:
+        serve.delete(c.app_name)
+
+
+@pytest.mark.parametrize("model", ["tiny", "hidden"])
+def test_int8_app_agrees_with_the_fp32_app(apps: dict[str, Endpoint], model: str,
+                                           teacher_forced: Callable[..., Any]) -> None:
+    fp32, int8 = apps[f"moray-{model}-fp32"], apps[f"moray-{model}-int8"]
+    tokens = fp32.tokens()
+    want = teacher_forced(fp32.base_url, fp32.model_name, tokens)
+    got = teacher_forced(int8.base_url, int8.model_name, tokens, top=TOP)
+    agreement, deltas = want.agreement(got), want.choice_deltas(got)
+    mean = sum(deltas) / len(deltas)
+    assert agreement >= 0.97, f"int8 picks fp32's token at {agreement:.1%} of {POSITIONS} positions"
+    assert 0 < mean <= 0.05, f"mean |Δ logprob| of fp32's choice: {mean:.4f}"
+    assert all(r <= 0.27 for r in byte_ratios(int8, fp32))
+
+
+def test_fp8_app_equals_its_dequantized_weights(apps: dict[str, Endpoint], fp8_dir: Path,
+                                                dequantize_fp8: Callable[[Path, Path], Path],
+                                                teacher_forced: Callable[..., Any],
+                                                teacher_forced_local: Callable[..., torch.Tensor],
+                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    fp8 = apps["moray-fp8"]
+    tokens = fp8.tokens()
+    got = teacher_forced(fp8.base_url, fp8.model_name, tokens, top=TOP)
+    plain = dequantize_fp8(fp8_dir, tmp_path_factory.mktemp("fp8-dequantized") / "ckpt")
+    want = teacher_forced_local(plain, tokens[:-1], KernelOptions(), tmp_path_factory.mktemp("kernels"))
+    assert got.argmax == want.argmax(dim=-1).tolist()
+    given = want.gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]  # [n] the scored tokens' logprobs
+    choices = want.max(dim=-1).values  # [n] the logprob of its own choice
+    assert (torch.tensor(got.logprobs) - given).abs().max().item() <= 1e-4
+    got_choices = torch.tensor([top[a] for top, a in zip(got.top, got.argmax, strict=True)])  # [n]
+    assert (got_choices - choices).abs().max().item() <= 1e-4
+    assert byte_ratios(fp8, apps["moray-tiny-fp32"]) == [1.0, 1.0]  # 2 shards, dequantized: fp32's size
