@@ -2,9 +2,9 @@
 
 `ShardedExperts` is the dispatcher's `ExpertBackend`: per layer it routes each token's top-2
 experts to the shards that own them (`Placement.route`), sends every involved shard its rows (each
-token once per shard, in the model dtype) split over the shard's live replicas, awaits them all
-concurrently and adds the partial outputs back (`index_add_`). Where the rows travel is a table of
-links per shard:
+token once per shard, in the model dtype) split over the shard's live replicas, and adds the partial
+outputs back (`index_add_`). Over the data plane a layer is one pass (`Hop`): every frame goes out,
+then one wait (a `Gather`) collects every answer. Where the rows travel is a table of links per shard:
 
 - `DataPlane` (`actors/dataplane/table.py`, transport "auto" or "socket", the default): a channel per
   shard replica, shared memory on the same node and TCP across nodes; Ray is only the control
@@ -213,7 +213,6 @@ class ShardedExperts:
             turn = self._turns[layer] = np.zeros(placement.num_experts, dtype=np.int64)
         parts = split_by_shard(ids_np, gates, placement.shards_of(layer, ids_np, turn), self.num_shards)
         tags = STEP_REQUESTS.get() if layer == 0 else ()  # request ids reach the shards' logs once a step
-        y = torch.zeros_like(x)
         jobs: list[Job] = []
         for s, (rows, sids, sgates) in enumerate(parts):
             n = rows.shape[0]
@@ -227,8 +226,7 @@ class ShardedExperts:
                 continue
             for i, c in enumerate(chunks):
                 jobs.append(Job(s, links[i % len(links)], rows[c], sids[c], sgates[c]))
-        await Hop(self, layer, x, tags, y).run(jobs)
-        return y
+        return await Hop(self, layer, x, tags).run(jobs)
 
     def _split(self, n: int, links: int) -> list[slice]:
         """A shard's n rows in chunks: one per live replica, none larger than a frame."""
@@ -300,17 +298,21 @@ class Hop:
     adding each into y. A call whose channel is held by another micro-batch, or whose link is not a data-
     plane channel (Ray/Serve handles), runs as a task of its own (`ShardedExperts._call`), as does the
     retry of a call whose replica died, hung or refused its frame. When one call fails for good, every
-    other is abandoned or cancelled, and `run` returns only once none is left."""
+    other is abandoned or cancelled, and `run` returns only once none is left.
 
-    def __init__(self, experts: ShardedExperts, layer: int, x: torch.Tensor, tags: Sequence[str],
-                 y: torch.Tensor) -> None:
-        self.experts, self.layer, self.x, self.tags, self.y = experts, layer, x, tags, y
+    y [T, D] is the one tensor a layer allocates (the caller keeps it). It is not zero-filled when the
+    first answer to arrive covers every row of x (the usual decode case: one chunk per shard): that
+    answer is copied in, the others added."""
+
+    def __init__(self, experts: ShardedExperts, layer: int, x: torch.Tensor, tags: Sequence[str]) -> None:
+        self.experts, self.layer, self.x, self.tags = experts, layer, x, tags
+        self.y, self.blank = torch.empty_like(x), True  # blank: nothing written into y yet
         self.loop = asyncio.get_running_loop()
         self.gather = Gather(self.loop)
         self.sent: dict[Channel, tuple[Job, float]] = {}  # calls out on the data plane -> (job, start)
         self.tasks: list[asyncio.Future[None]] = []
 
-    async def run(self, jobs: Sequence[Job]) -> None:
+    async def run(self, jobs: Sequence[Job]) -> torch.Tensor:
         try:
             for job in jobs:
                 self._send(job)
@@ -323,6 +325,8 @@ class Hop:
                     self._finish(channel)  # type: ignore[arg-type]
             if self.tasks:
                 await asyncio.gather(*self.tasks)
+            self._zeroed()  # no answer at all (no rows): y is zeros
+            return self.y
         except BaseException:
             for channel in self.sent:
                 channel.abandon()
@@ -350,8 +354,11 @@ class Hop:
 
     def _finish(self, channel: Channel) -> None:
         job, start = self.sent.pop(channel)
+        if job.rows is not None:
+            self._zeroed()
         try:
-            channel.finish(self.y, job.rows)
+            channel.finish(self.y, job.rows, assign=self.blank)
+            self.blank = False
         except PeerGoneError as e:
             self.experts.fault(job.shard, e)
             return self._retry(job, start)
@@ -361,7 +368,14 @@ class Hop:
         self._task(self.experts._call(job.shard, None, self.layer, self.x, job.ids, job.gates, self.tags,
                                       self.y, job.rows, False, start, attempt=1))
 
+    def _zeroed(self) -> None:
+        """Before anything is added into y: zero it."""
+        if self.blank:
+            self.y.zero_()
+            self.blank = False
+
     def _task(self, call: Coroutine[Any, Any, None]) -> None:
+        self._zeroed()  # the task adds its answer into y
         task = asyncio.ensure_future(call)
         task.add_done_callback(self._task_done)
         self.tasks.append(task)

@@ -1,17 +1,19 @@
 """The dispatcher's end of the data plane: one channel per (dispatcher, shard replica) pair.
 
 `open_channel` connects to a shard replica's `ShardEndpoint` (blocking; run it off the event loop)
-and returns a `Channel` whose `call(...)` sends one layer's rows and adds the answer into the
-caller's output, on the engine's event loop:
+and returns a `Channel`. A call on it is sent at once (`start`, no task or future of its own) and
+reports to a `Gather` (`actors/dataplane/gather.py`) when its answer is in: `ShardedExperts` sends
+all of a layer's calls, then waits once for all of them; `call` does the same for one call.
 - `SharedChannel` (same node): the request is gathered into a pre-allocated shared `memfd` region and
-  an eventfd is signalled; the caller that sent a step's last chunk then polls the reply eventfds of
-  every call of the step still waiting (a few µs a round; a blocked wake-up costs ~27 µs on a VM and
+  an eventfd is signalled; once a layer's calls are out, `spin_replies` polls the reply eventfds of
+  every call still waiting on the loop (a few µs a round; a blocked wake-up costs ~27 µs on a VM and
   an event-loop turn more), for at most `SPIN_MAX_S` and no longer than twice the recent round trip,
-  so a shard that computes for milliseconds is not spun for. What is not answered by then is waited
-  for through the event loop (each reply eventfd is watched by `add_reader` for the channel's life).
+  so a shard that computes for milliseconds is not spun for. What is not answered by then reports
+  through the event loop (each reply eventfd is watched by `add_reader` for the channel's life).
   No syscall beyond the two eventfd operations, no pickling, no buffers allocated per call.
-- `SocketChannel` (other nodes, or `transport="socket"`): the same frame on a TCP stream, read into
-  a pre-allocated buffer by the event loop's reader callback.
+- `SocketChannel` (other nodes, or `transport="socket"`): the same frame on a TCP stream, sent from a
+  pre-allocated buffer (what the socket does not take at once goes from the loop's writer callback)
+  and read into another by the event loop's reader callback.
 
 Faults (`actors/faults.py`): any error on a channel ends it. A peer's death is noticed at once (the
 Unix/TCP socket closes; TCP keepalive and `TCP_USER_TIMEOUT` for a vanished node or a half-open
@@ -280,8 +282,9 @@ class Channel:
         gather.add(self)
         self._signal(n)  # a fault here fails the channel, which reports the call
 
-    def finish(self, out: torch.Tensor, rows: torch.Tensor | None) -> None:
-        """End a reported call: add its answer into `out` at `rows`. Raises its fault (`PeerGoneError`, the
+    def finish(self, out: torch.Tensor, rows: torch.Tensor | None, assign: bool = False) -> None:
+        """End a reported call: add its answer into `out` at `rows` (`assign`: copy it into all of `out`,
+        when `rows` is None). Raises its fault (`PeerGoneError`, the
         channel then dead) or `RemoteError` (the shard's own code raised; the channel stays in step)."""
         try:
             if self._error is not None:
@@ -293,7 +296,10 @@ class Channel:
             except FrameError as e:  # a refused or malformed frame: out of step
                 why = str(e) if isinstance(e, RefusedError) else f"bad frame from the shard: {e}"
                 raise self.fail(why, "refused") from None
-            add_rows(out, rows, y)
+            if assign and rows is None:
+                out.copy_(y)
+            else:
+                add_rows(out, rows, y)
             took, weight = time.perf_counter() - self._started, 0.2 if self.calls else 1.0
             self.calls += 1
             self.busy_s += took
