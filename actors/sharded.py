@@ -2,9 +2,9 @@
 
 `ShardedExperts` is the dispatcher's `ExpertBackend`: per layer it routes each token's top-2
 experts to the shards that own them (`Placement.route`), sends every involved shard its rows (each
-token once per shard, in the model dtype) split over the shard's live replicas, awaits them all
-concurrently and adds the partial outputs back (`index_add_`). Where the rows travel is a table of
-links per shard:
+token once per shard, in the model dtype) split over the shard's live replicas, and adds the partial
+outputs back (`index_add_`). Over the data plane a layer is one pass (`Hop`): every frame goes out,
+then one wait (a `Gather`) collects every answer. Where the rows travel is a table of links per shard:
 
 - `DataPlane` (`actors/dataplane/table.py`, transport "auto" or "socket", the default): a channel per
   shard replica, shared memory on the same node and TCP across nodes; Ray is only the control
@@ -35,12 +35,13 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
-from moray.actors.dataplane.channel import add_rows
+from moray.actors.dataplane.channel import Channel, add_rows, spin_replies
+from moray.actors.dataplane.gather import Gather
 from moray.actors.faults import FaultKind, PeerGoneError, ShardUnavailableError, busy, fault_kind
 from moray.actors.placement import Placement, split_among_replicas
 from moray.model.engine import STEP_REQUESTS
@@ -212,8 +213,7 @@ class ShardedExperts:
             turn = self._turns[layer] = np.zeros(placement.num_experts, dtype=np.int64)
         parts = split_by_shard(ids_np, gates, placement.shards_of(layer, ids_np, turn), self.num_shards)
         tags = STEP_REQUESTS.get() if layer == 0 else ()  # request ids reach the shards' logs once a step
-        y = torch.zeros_like(x)
-        jobs: list[tuple[int, Link | None, torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+        jobs: list[Job] = []
         for s, (rows, sids, sgates) in enumerate(parts):
             n = rows.shape[0]
             if n == 0:
@@ -221,17 +221,12 @@ class ShardedExperts:
             links = self.links.links(s)
             chunks = self._split(n, len(links))
             if len(chunks) == 1:  # the usual case: one replica takes all of the shard's rows
-                jobs.append((s, links[0] if links else None, None if n == x.shape[0] else rows, sids, sgates))
+                whole = None if n == x.shape[0] else rows
+                jobs.append(Job(s, links[0] if links else None, whole, sids, sgates))
                 continue
             for i, c in enumerate(chunks):
-                jobs.append((s, links[i % len(links)], rows[c], sids[c], sgates[c]))
-        calls = [self._call(s, link, layer, x, sids, sgates, tags, y, rows, i == len(jobs) - 1)
-                 for i, (s, link, rows, sids, sgates) in enumerate(jobs)]
-        if len(calls) == 1:
-            await calls[0]
-        else:
-            await _all(calls)  # each sends as it starts: all are out before any waits
-        return y
+                jobs.append(Job(s, links[i % len(links)], rows[c], sids[c], sgates[c]))
+        return await Hop(self, layer, x, tags).run(jobs)
 
     def _split(self, n: int, links: int) -> list[slice]:
         """A shard's n rows in chunks: one per live replica, none larger than a frame."""
@@ -242,32 +237,44 @@ class ShardedExperts:
         bounds = [sum(sizes[:i]) for i in range(k + 1)]
         return [slice(bounds[i], bounds[i + 1]) for i in range(k)]
 
+    def patience(self, link: Link, rows: int) -> float:
+        """How long an attempt on `link` waits for `rows` rows before its replica counts as hung."""
+        return max(self.hung_after_s, HUNG_FACTOR * link.expected_s(rows))
+
+    def fault(self, shard: int, error: BaseException) -> None:
+        """Count a replica's fault (the caller retries the rows); raise `error` if it is not one."""
+        kind = fault_kind(error)
+        if kind is None:
+            raise error
+        self.retries += 1
+        self.faults[(shard, kind)] = self.faults.get((shard, kind), 0) + 1
+        log.warning("expert shard %d call failed (%s: %s); retrying", shard, kind, str(error))
+
+    def answered(self, shard: int, start: float) -> None:
+        self.calls[shard] += 1
+        self.call_s[shard] += time.perf_counter() - start
+
     async def _call(self, shard: int, link: Link | None, layer: int, x: torch.Tensor, ids: torch.Tensor,
                     gates: torch.Tensor, tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor | None,
-                    spin: bool) -> None:
-        start = time.perf_counter()
-        deadline, attempt = start + self.shard_timeout_s, 0
+                    spin: bool, start: float | None = None, attempt: int = 0) -> None:
+        """One call with its retries: until a replica answers, or `shard_timeout_s` after `start` (a retry
+        of a call `Hop` sent: `attempt` 1)."""
+        start = time.perf_counter() if start is None else start
+        deadline = start + self.shard_timeout_s
         while True:
             if link is None or attempt:
                 link = await self.links.pick(shard, deadline, attempt)
             if link is None or (attempt and time.perf_counter() >= deadline):
                 raise ShardUnavailableError(
                     f"no replica of expert shard {shard} answered within {self.shard_timeout_s:g} s")
-            patience = max(self.hung_after_s, HUNG_FACTOR * link.expected_s(ids.shape[0]))
             try:
                 await link.call(layer, x, ids, gates, tags, out, rows, spin,
-                                min(deadline, time.perf_counter() + patience))
+                                min(deadline, time.perf_counter() + self.patience(link, ids.shape[0])))
                 break
             except Exception as e:
-                kind = fault_kind(e)
-                if kind is None:
-                    raise
+                self.fault(shard, e)
                 attempt += 1
-                self.retries += 1
-                self.faults[(shard, kind)] = self.faults.get((shard, kind), 0) + 1
-                log.warning("expert shard %d call failed (%s: %s); retrying", shard, kind, str(e))
-        self.calls[shard] += 1
-        self.call_s[shard] += time.perf_counter() - start
+        self.answered(shard, start)
 
     def stats(self) -> dict[str, Any]:
         return {"shard_calls": list(self.calls), "shard_call_s": list(self.call_s),
@@ -276,14 +283,108 @@ class ShardedExperts:
                 **self.links.stats()}
 
 
-async def _all(calls: Sequence[Coroutine[Any, Any, None]]) -> None:
-    """Run the calls together; when one fails, cancel the others and return only once every one has
-    (none is left running against a placement or a buffer the caller is about to change)."""
-    tasks = [asyncio.ensure_future(c) for c in calls]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+class Job(NamedTuple):
+    """One call of a layer: a chunk of a shard's rows (rows of x; None: all) for one of its replicas."""
+
+    shard: int
+    link: Link | None
+    rows: torch.Tensor | None
+    ids: torch.Tensor  # [n, k]
+    gates: torch.Tensor  # [n, k]
+
+
+class Hop:
+    """One layer's hop: send every call's frame at once, then wait once for all the answers (a `Gather`),
+    adding each into y. A call whose channel is held by another micro-batch, or whose link is not a data-
+    plane channel (Ray/Serve handles), runs as a task of its own (`ShardedExperts._call`), as does the
+    retry of a call whose replica died, hung or refused its frame. When one call fails for good, every
+    other is abandoned or cancelled, and `run` returns only once none is left.
+
+    y [T, D] is the one tensor a layer allocates (the caller keeps it). It is not zero-filled when the
+    first answer to arrive covers every row of x (the usual decode case: one chunk per shard): that
+    answer is copied in, the others added."""
+
+    def __init__(self, experts: ShardedExperts, layer: int, x: torch.Tensor, tags: Sequence[str]) -> None:
+        self.experts, self.layer, self.x, self.tags = experts, layer, x, tags
+        self.y, self.blank = torch.empty_like(x), True  # blank: nothing written into y yet
+        self.loop = asyncio.get_running_loop()
+        self.gather = Gather(self.loop)
+        self.sent: dict[Channel, tuple[Job, float]] = {}  # calls out on the data plane -> (job, start)
+        self.tasks: list[asyncio.Future[None]] = []
+
+    async def run(self, jobs: Sequence[Job]) -> torch.Tensor:
+        try:
+            for job in jobs:
+                self._send(job)
+            if self.sent:
+                spin_replies(self.loop)  # a fast shard's answers are in within µs: poll before sleeping
+            while self.sent:  # calls out, or answered and not added in yet
+                self._raise_failed()
+                await self.gather.wait()
+                for channel in self.gather.take():
+                    self._finish(channel)  # type: ignore[arg-type]
+            if self.tasks:
+                await asyncio.gather(*self.tasks)
+            self._zeroed()  # no answer at all (no rows): y is zeros
+            return self.y
+        except BaseException:
+            for channel in self.sent:
+                channel.abandon()
+            for t in self.tasks:
+                t.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            raise
+
+    def _send(self, job: Job) -> None:
+        link, start = job.link, time.perf_counter()
+        if isinstance(link, Channel) and link.usable:
+            experts = self.experts
+            deadline = min(start + experts.shard_timeout_s, start + experts.patience(link, len(job.ids)))
+            try:
+                sent = link.start(self.layer, self.x, job.ids, job.gates, self.tags, job.rows, deadline,
+                                  self.gather)
+            except PeerGoneError as e:  # dead since the table was read: retry at once
+                experts.fault(job.shard, e)
+                return self._retry(job, start)
+            if sent:
+                self.sent[link] = (job, start)
+                return
+        self._task(self.experts._call(job.shard, link, self.layer, self.x, job.ids, job.gates, self.tags,
+                                      self.y, job.rows, False))
+
+    def _finish(self, channel: Channel) -> None:
+        job, start = self.sent.pop(channel)
+        if job.rows is not None:
+            self._zeroed()
+        try:
+            channel.finish(self.y, job.rows, assign=self.blank)
+            self.blank = False
+        except PeerGoneError as e:
+            self.experts.fault(job.shard, e)
+            return self._retry(job, start)
+        self.experts.answered(job.shard, start)
+
+    def _retry(self, job: Job, start: float) -> None:
+        self._task(self.experts._call(job.shard, None, self.layer, self.x, job.ids, job.gates, self.tags,
+                                      self.y, job.rows, False, start, attempt=1))
+
+    def _zeroed(self) -> None:
+        """Before anything is added into y: zero it."""
+        if self.blank:
+            self.y.zero_()
+            self.blank = False
+
+    def _task(self, call: Coroutine[Any, Any, None]) -> None:
+        self._zeroed()  # the task adds its answer into y
+        task = asyncio.ensure_future(call)
+        task.add_done_callback(self._task_done)
+        self.tasks.append(task)
+
+    def _task_done(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.gather.wake()  # a call failed for good: stop waiting for the others
+
+    def _raise_failed(self) -> None:
+        for task in self.tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]

@@ -1,17 +1,19 @@
 """The dispatcher's end of the data plane: one channel per (dispatcher, shard replica) pair.
 
 `open_channel` connects to a shard replica's `ShardEndpoint` (blocking; run it off the event loop)
-and returns a `Channel` whose `call(...)` sends one layer's rows and adds the answer into the
-caller's output, on the engine's event loop:
+and returns a `Channel`. A call on it is sent at once (`start`, no task or future of its own) and
+reports to a `Gather` (`actors/dataplane/gather.py`) when its answer is in: `ShardedExperts` sends
+all of a layer's calls, then waits once for all of them; `call` does the same for one call.
 - `SharedChannel` (same node): the request is gathered into a pre-allocated shared `memfd` region and
-  an eventfd is signalled; the caller that sent a step's last chunk then polls the reply eventfds of
-  every call of the step still waiting (a few µs a round; a blocked wake-up costs ~27 µs on a VM and
+  an eventfd is signalled; once a layer's calls are out, `spin_replies` polls the reply eventfds of
+  every call still waiting on the loop (a few µs a round; a blocked wake-up costs ~27 µs on a VM and
   an event-loop turn more), for at most `SPIN_MAX_S` and no longer than twice the recent round trip,
-  so a shard that computes for milliseconds is not spun for. What is not answered by then is waited
-  for through the event loop (each reply eventfd is watched by `add_reader` for the channel's life).
+  so a shard that computes for milliseconds is not spun for. What is not answered by then reports
+  through the event loop (each reply eventfd is watched by `add_reader` for the channel's life).
   No syscall beyond the two eventfd operations, no pickling, no buffers allocated per call.
-- `SocketChannel` (other nodes, or `transport="socket"`): the same frame on a TCP stream, read into
-  a pre-allocated buffer by the event loop's reader callback.
+- `SocketChannel` (other nodes, or `transport="socket"`): the same frame on a TCP stream, sent from a
+  pre-allocated buffer (what the socket does not take at once goes from the loop's writer callback)
+  and read into another by the event loop's reader callback.
 
 Faults (`actors/faults.py`): any error on a channel ends it. A peer's death is noticed at once (the
 Unix/TCP socket closes; TCP keepalive and `TCP_USER_TIMEOUT` for a vanished node or a half-open
@@ -33,6 +35,7 @@ import mmap
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,6 +54,7 @@ from moray.actors.dataplane.frames import (
     capacity,
     dtype_code,
 )
+from moray.actors.dataplane.gather import Gather
 from moray.actors.faults import FaultKind, PeerGoneError
 
 __all__ = ["Channel", "ChannelSpec", "Endpoint", "PeerGoneError", "SharedChannel", "SocketChannel",
@@ -133,7 +137,11 @@ def open_channel(endpoint: Endpoint, spec: ChannelSpec, shared: bool) -> Channel
 
 
 class Channel:
-    """One channel: `call` is awaited on one event loop; calls on it run one at a time."""
+    """One channel: its calls run one at a time, on the event loop it is attached to.
+
+    A call is sent (`start`, or `call`, which waits its turn when the channel is held), reports to a
+    `Gather` when its answer is in or it failed, and ends with `finish` (read the answer, add it into the
+    caller's output) or `abandon`."""
 
     def __init__(self, endpoint: Endpoint, spec: ChannelSpec, sock: socket.socket) -> None:
         self.endpoint, self.spec, self.sock = endpoint, spec, sock
@@ -145,14 +153,24 @@ class Channel:
         self.calls, self.busy_s = 0, 0.0
         self.round_trip_s = SPIN_MIN_S  # moving average: how long this channel's answers take
         self.rows_avg = 1.0  # moving average of the rows per call, to scale `round_trip_s` by
+        self.deadline = math.inf  # the call out's: its answer must be in by then (`time.perf_counter()`)
         self._closed = False
-        self._lock: asyncio.Lock | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._held = False  # a call holds the channel (from its send to its finish)
+        self._turns: deque[asyncio.Future[None]] = deque()  # calls waiting to hold it, in order
+        self._gather: Gather | None = None  # where the call out reports
+        self._reported = False
+        self._error: BaseException | None = None  # the call out's fault, once reported
+        self._started = 0.0
+        self._reply: tuple[int, int, torch.dtype] = (0, 0, spec.dtype)  # rows, dim, dtype expected back
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def usable(self) -> bool:
         return self.dead is None and not self.draining
+
+    @property
+    def reported(self) -> bool:
+        return self._reported
 
     def expected_s(self, rows: int) -> float:
         """How long an answer for `rows` rows should take, from this channel's recent round trips
@@ -167,7 +185,7 @@ class Channel:
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start watching the socket on `loop` (the loop `call` will be awaited on)."""
-        self._loop, self._lock = loop, asyncio.Lock()
+        self._loop = loop
         self.sock.setblocking(False)
         loop.add_reader(self.sock.fileno(), self._readable)
         self._attached(loop)
@@ -175,93 +193,164 @@ class Channel:
     def _attached(self, loop: asyncio.AbstractEventLoop) -> None:
         pass
 
+    # ---- one call: held, sent, reported, finished ------------------------------------------------
+    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+              tags: Sequence[str], rows: torch.Tensor | None, deadline: float, gather: Gather) -> bool:
+        """Send the rows `rows` of the layer's x [T, D] (every row when None; gathered straight into the
+        frame) with their expert ids and gates [n, k], now, if no other call holds the channel (False:
+        use `call`, which waits its turn). Its answer, or its fault, is reported to `gather`; then
+        `finish` (or `abandon`) ends the call. Raises `PeerGoneError` if the channel is dead (nothing
+        sent)."""
+        if self._held or self._turns:
+            return False
+        self._held = True
+        self.in_flight += 1
+        try:
+            self._send(layer, x, expert_ids, gates, tags, rows, deadline, gather)
+        except BaseException:
+            self._end()
+            raise
+        return True
+
     async def call(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
                    tags: Sequence[str], out: torch.Tensor, rows: torch.Tensor | None,
                    spin: bool = False, deadline: float = math.inf) -> None:
-        """Send the rows `rows` of the layer's x [T, D] (every row when None; gathered straight into the
-        frame) with their expert ids and gates [n, k]; add the answer into `out` at `rows`. `tags` (the
-        step's request ids, sent with layer 0) are for the shard's logs; `spin`: poll for the answer
-        briefly before yielding to the event loop (for the last call of a step to be sent). No answer by
-        `deadline` (`time.perf_counter()`): the peer is hung. Raises `PeerGoneError` on any fault (the
-        channel is then dead), `RemoteError` when the shard's own code raised."""
-        assert self._lock is not None, "attach() the channel to the event loop first"
+        """One call, in turn after the calls before it: send (as `start`), await the answer and add it into
+        `out` at `rows`. `tags` (the step's request ids, sent with layer 0) are for the shard's logs;
+        `spin`: poll for the answers briefly before yielding to the event loop (for the last call of a
+        step to be sent). No answer by `deadline` (`time.perf_counter()`): the peer is hung. Raises
+        `PeerGoneError` on any fault (the channel is then dead), `RemoteError` when the shard's own code
+        raised."""
+        assert self._loop is not None, "attach() the channel to the event loop first"
+        gather = Gather(self._loop)
         self.in_flight += 1
         try:
-            async with self._lock:
-                if self.dead:
-                    raise PeerGoneError(self._named(self.dead), self.fault or "died")
-                start = time.perf_counter()
-                data = "\n".join(tags).encode()[:MAX_TAG_BYTES] if tags else b""
-                seq = self.seq + 1
-                n = self._write(seq, layer, x, expert_ids, gates, data, rows)  # raises: nothing was sent
-                self.seq = seq
-                y = await self._exchange(n, len(expert_ids), x, deadline, spin)
-                add_rows(out, rows, y)
-                took, weight = time.perf_counter() - start, 0.2 if self.calls else 1.0
-                self.calls += 1
-                self.busy_s += took
-                self.round_trip_s += weight * (took - self.round_trip_s)
-                self.rows_avg += weight * (len(expert_ids) - self.rows_avg)
-        except asyncio.CancelledError:
-            self.fail("a call was abandoned (cancelled): the channel is out of step")
-            raise
-        finally:
+            await self._hold()
+        except BaseException:
             self.in_flight -= 1
+            raise
+        try:
+            self._send(layer, x, expert_ids, gates, tags, rows, deadline, gather)
+        except BaseException:
+            self._end()
+            raise
+        try:
+            if spin:
+                spin_replies(self._loop)
+            await gather.wait()
+        except asyncio.CancelledError:
+            self.abandon()
+            raise
+        self.finish(out, rows)
+
+    async def _hold(self) -> None:
+        """Wait until this call holds the channel (calls on a channel run one at a time, in order)."""
+        if not self._held and not self._turns:
+            self._held = True
+            return
+        assert self._loop is not None
+        turn = self._loop.create_future()
+        self._turns.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._release()  # handed to us just as we gave up
+            elif turn in self._turns:
+                self._turns.remove(turn)
+            raise
+
+    def _release(self) -> None:
+        while self._turns:
+            turn = self._turns.popleft()
+            if not turn.done():
+                turn.set_result(None)  # handed on: the channel stays held
+                return
+        self._held = False
+
+    def _send(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+              tags: Sequence[str], rows: torch.Tensor | None, deadline: float, gather: Gather) -> None:
+        if self.dead:
+            raise PeerGoneError(self._named(self.dead), self.fault or "died")
+        self._started = time.perf_counter()
+        data = "\n".join(tags).encode()[:MAX_TAG_BYTES] if tags else b""
+        seq = self.seq + 1
+        n = self._write(seq, layer, x, expert_ids, gates, data, rows)  # raises: nothing was sent
+        self.seq = seq
+        self.deadline, self._reply = deadline, (len(expert_ids), x.shape[1], x.dtype)
+        self._gather, self._reported, self._error = gather, False, None
+        gather.add(self)
+        self._signal(n)  # a fault here fails the channel, which reports the call
+
+    def finish(self, out: torch.Tensor, rows: torch.Tensor | None, assign: bool = False) -> None:
+        """End a reported call: add its answer into `out` at `rows` (`assign`: copy it into all of `out`,
+        when `rows` is None). Raises its fault (`PeerGoneError`, the
+        channel then dead) or `RemoteError` (the shard's own code raised; the channel stays in step)."""
+        try:
+            if self._error is not None:
+                raise self._error
+            try:
+                y = self._read_reply(*self._reply)
+            except RemoteError:
+                raise
+            except FrameError as e:  # a refused or malformed frame: out of step
+                why = str(e) if isinstance(e, RefusedError) else f"bad frame from the shard: {e}"
+                raise self.fail(why, "refused") from None
+            if assign and rows is None:
+                out.copy_(y)
+            else:
+                add_rows(out, rows, y)
+            took, weight = time.perf_counter() - self._started, 0.2 if self.calls else 1.0
+            self.calls += 1
+            self.busy_s += took
+            self.round_trip_s += weight * (took - self.round_trip_s)
+            self.rows_avg += weight * (self._reply[0] - self.rows_avg)
+        finally:
+            self._end()
+
+    def abandon(self) -> None:
+        """End a call whose answer nobody will read (the layer failed or was cancelled): unless it was
+        answered, the channel is out of step and fails."""
+        if not self._reported:
+            self.fail("a call was abandoned (cancelled): the channel is out of step")
+        self._end()
+
+    def _end(self) -> None:
+        self._gather, self._error = None, None
+        self._resume()
+        self.in_flight -= 1
+        self._release()
 
     def _write(self, seq: int, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
                tags: bytes, rows: torch.Tensor | None) -> int:
         """Write the request frame into the outgoing buffer; its length."""
         raise NotImplementedError
 
-    async def _exchange(self, n: int, rows: int, x: torch.Tensor, deadline: float,
-                        spin: bool) -> torch.Tensor:
-        """Send the written frame (n bytes), await the reply until `deadline`: y [rows, D], a view into the
-        reply buffer. Any fault fails the channel and raises `PeerGoneError`."""
-        assert self._loop is not None
-        waiter = self._waiter = self._loop.create_future()
-        timer = None
-        if deadline != math.inf:
-            timer = self._loop.call_later(max(deadline - time.perf_counter(), 0.0), self._expire, deadline)
-        try:
-            await self._send(n, spin, waiter)
-            return self._read_reply(rows, x)
-        except (RemoteError, PeerGoneError):
-            raise  # RemoteError: the shard's own code raised; the channel is in step, the error the caller's
-        except FrameError as e:  # a refused or malformed frame: out of step
-            why = str(e) if isinstance(e, RefusedError) else f"bad frame from the shard: {e}"
-            raise self.fail(why, "refused") from None
-        except OSError as e:
-            raise self.fail(f"{type(e).__name__}: {e}", "died") from None
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self._waiter = None
-            if waiter.done() and not waiter.cancelled():
-                waiter.exception()  # retrieved: a fault that raced the call's own error is not logged twice
-            self._resume()
-
-    async def _send(self, n: int, spin: bool, waiter: asyncio.Future[None]) -> None:
+    def _signal(self, n: int) -> None:
+        """Send the written frame (n bytes) without waiting; a fault fails the channel."""
         raise NotImplementedError
 
     def _answered(self) -> bool:
         """Whether the answer to the call in flight is in the reply buffer already."""
         return False
 
-    def _read_reply(self, rows: int, x: torch.Tensor) -> torch.Tensor:
+    def _read_reply(self, rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        """The answer y [rows, dim], a view into the reply buffer."""
         raise NotImplementedError
 
     def _resume(self) -> None:
         """After a call: be ready for the next frame from the peer."""
 
-    def _expire(self, deadline: float) -> None:
-        if self._waiter is None or self._waiter.done():
+    def expire(self) -> None:
+        """The call's deadline passed (its `Gather`'s timer): the peer is hung, unless the answer is there."""
+        if self._gather is None or self._reported:
             return  # answered just in time
         if self._answered():
             log.warning("data-plane channel to %s: the answer was there without its signal",
                         self._named(f"seq {self.seq}"))
             self._wake()
             return
-        waited = time.perf_counter() - deadline
+        waited = time.perf_counter() - self.deadline
         self.fail(f"no answer by the call's deadline (+{waited * 1e3:.0f} ms; round trip "
                   f"{self.round_trip_s * 1e3:.1f} ms): the replica is hung or too slow", "hung")
 
@@ -269,8 +358,8 @@ class Channel:
         return f"shard {self.endpoint.shard} replica {self.endpoint.replica}: {why}"
 
     def fail(self, why: str, kind: FaultKind | None = None) -> PeerGoneError:
-        """Mark the channel dead (its peer is gone, hung or out of step; `kind` None: we gave it up) and wake
-        a waiting call with the fault. Returns the error to raise."""
+        """Mark the channel dead (its peer is gone, hung or out of step; `kind` None: we gave it up) and
+        report a call out with the fault. Returns the error to raise."""
         if self.dead is None:
             self.dead, self.fault = why, kind
             if kind is not None:
@@ -280,9 +369,13 @@ class Channel:
         return error
 
     def _wake(self, error: BaseException | None = None) -> None:
-        w, self._waiter = self._waiter, None
-        if w is not None and not w.done():
-            w.set_exception(error) if error else w.set_result(None)
+        """The call out has its answer, or `error`: report it to its gather (once)."""
+        gather = self._gather
+        if gather is None or self._reported:
+            return
+        self._reported, self._error = True, error
+        _waiting.discard(self)  # type: ignore[arg-type]
+        gather.report(self, error is not None)
 
     def _readable(self) -> None:
         raise NotImplementedError
@@ -350,18 +443,16 @@ class SharedChannel(Channel):
                tags: bytes, rows: torch.Tensor | None) -> int:
         return self.req.write_request(seq, layer, x, expert_ids, gates, tags, rows)
 
-    async def _send(self, n: int, spin: bool, waiter: asyncio.Future[None]) -> None:
-        os.eventfd_write(self.req_fd, 1)
-        _waiting.add(self)
+    def _signal(self, n: int) -> None:
         try:
-            if spin:
-                self._spin()
-            await waiter
-        finally:
-            _waiting.discard(self)
+            os.eventfd_write(self.req_fd, 1)
+        except OSError as e:
+            self.fail(f"request eventfd: {e}", "died")
+            return
+        _waiting.add(self)
 
-    def _read_reply(self, rows: int, x: torch.Tensor) -> torch.Tensor:
-        return self.rep.read_reply(self.seq, rows, x.shape[1], x.dtype)
+    def _read_reply(self, rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.rep.read_reply(self.seq, rows, dim, dtype)
 
     def _answered(self) -> bool:
         try:
@@ -370,24 +461,9 @@ class SharedChannel(Channel):
             return False
         return h.seq == self.seq and h.kind in (Kind.REPLY, Kind.ERROR, Kind.REFUSED)
 
-    def _spin(self) -> None:
-        """Poll the reply eventfd of every call waiting on this loop (this step's other chunks too), and
-        wake each one answered, until all are or the budget is spent: twice the slowest recent round
-        trip, within [SPIN_MIN_S, SPIN_MAX_S]; nothing when that is longer than SPIN_MAX_S."""
-        waiting = [c for c in _waiting if c._loop is self._loop]
-        expect = max(c.round_trip_s for c in waiting)
-        if expect > SPIN_MAX_S:
-            return
-        end = time.perf_counter() + min(max(2 * expect, SPIN_MIN_S), SPIN_MAX_S)
-        while waiting:
-            waiting = [c for c in waiting if not c._poll()]
-            if time.perf_counter() > end:
-                return
-
     def _poll(self) -> bool:
-        """Whether the call in flight has its answer (waking it if so)."""
-        w = self._waiter
-        if w is None or w.done():
+        """Whether the call out has its answer (reporting it if so)."""
+        if self._gather is None or self._reported:
             return True
         try:
             os.eventfd_read(self.rep_fd)
@@ -453,6 +529,24 @@ class SharedChannel(Channel):
 _waiting: set[SharedChannel] = set()  # calls awaiting their answer (all loops; a spin polls its own loop's)
 
 
+def spin_replies(loop: asyncio.AbstractEventLoop) -> None:
+    """Poll the reply eventfd of every shared-memory call waiting on `loop` (a layer's calls, and a
+    concurrent micro-batch's), and report each one answered, until all are or the budget is spent: twice
+    the slowest recent round trip, within [SPIN_MIN_S, SPIN_MAX_S]; nothing when that is longer than
+    SPIN_MAX_S (a shard that computes for milliseconds is not spun for)."""
+    waiting = [c for c in _waiting if c._loop is loop]
+    if not waiting:
+        return
+    expect = max(c.round_trip_s for c in waiting)
+    if expect > SPIN_MAX_S:
+        return
+    end = time.perf_counter() + min(max(2 * expect, SPIN_MIN_S), SPIN_MAX_S)
+    while waiting:
+        waiting = [c for c in waiting if not c._poll()]
+        if time.perf_counter() > end:
+            return
+
+
 class SocketChannel(Channel):
     def __init__(self, endpoint: Endpoint, spec: ChannelSpec, sock: socket.socket) -> None:
         super().__init__(endpoint, spec, sock)
@@ -460,6 +554,8 @@ class SocketChannel(Channel):
         self.out, self.inb = FrameBuffer(memoryview(self.outbound)), FrameBuffer(memoryview(self.inbound))
         self._view = memoryview(self.inbound)
         self._got, self._want = 0, HEADER_BYTES
+        self._outgoing: memoryview | None = None  # what is left to send of the frame out
+        self._writing = False  # the event loop's writer callback is set
 
     @classmethod
     def connect(cls, endpoint: Endpoint, spec: ChannelSpec) -> SocketChannel:
@@ -477,15 +573,42 @@ class SocketChannel(Channel):
                tags: bytes, rows: torch.Tensor | None) -> int:
         return self.out.write_request(seq, layer, x, expert_ids, gates, tags, rows)
 
-    async def _send(self, n: int, spin: bool, waiter: asyncio.Future[None]) -> None:
-        assert self._loop is not None
-        await self._loop.sock_sendall(self.sock, memoryview(self.outbound)[:n])
-        await waiter  # resolved by `_readable` once a whole reply is in `inbound`
+    def _signal(self, n: int) -> None:
+        """Send what the socket takes now; the rest goes out from the event loop's writer callback."""
+        self._outgoing = memoryview(self.outbound)[:n]
+        self._writable()
 
-    def _read_reply(self, rows: int, x: torch.Tensor) -> torch.Tensor:
-        return self.inb.read_reply(self.seq, rows, x.shape[1], x.dtype)
+    def _writable(self) -> None:
+        assert self._loop is not None
+        while self._outgoing is not None:
+            try:
+                sent = self.sock.send(self._outgoing)
+            except BlockingIOError:
+                if not self._writing:
+                    self._loop.add_writer(self.sock.fileno(), self._writable)
+                    self._writing = True
+                return
+            except OSError as e:
+                self._stop_writing()
+                return self._gone(f"{type(e).__name__}: {e}", "died")
+            self._outgoing = self._outgoing[sent:] if sent < len(self._outgoing) else None
+        self._stop_writing()
+
+    def _stop_writing(self) -> None:
+        self._outgoing = None
+        if self._writing:
+            self._writing = False
+            if self._loop is not None and not self._loop.is_closed():
+                try:
+                    self._loop.remove_writer(self.sock.fileno())
+                except (ValueError, OSError):
+                    pass
+
+    def _read_reply(self, rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.inb.read_reply(self.seq, rows, dim, dtype)
 
     def _resume(self) -> None:
+        self._stop_writing()  # a frame refused before it was all sent: the rest is not wanted
         self._got, self._want = 0, HEADER_BYTES
         if self.dead is None and self._loop is not None:
             self._loop.add_reader(self.sock.fileno(), self._readable)  # paused while the reply was read
@@ -527,11 +650,17 @@ class SocketChannel(Channel):
             self._got, self._want = 0, HEADER_BYTES
             return
         self._loop.remove_reader(self.sock.fileno())  # hold the frame until the call has read it
-        if self._waiter is None:
+        if self._gather is None or self._reported:
             self._gone(f"unexpected {Kind(h.kind).name} frame from the shard", "refused")
             return
         self._wake()
 
     def _gone(self, why: str, kind: FaultKind) -> None:
         self._unwatch()
+        self._stop_writing()
         self.fail(why, kind)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._stop_writing()
+        super().close()

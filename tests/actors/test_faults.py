@@ -687,3 +687,26 @@ def test_a_control_header_read_in_pieces_is_a_drain_not_an_error(shards: list[Ex
     finally:
         ep.close()
     assert errors == []
+
+
+# ---- two micro-batches on the same channels ------------------------------------------------------------
+def test_two_layers_in_flight_take_turns_on_a_channel_and_each_gets_its_own_answer(
+        shards: list[ExpertShard]) -> None:
+    """Ping-pong: the engine's two halves each have a layer out at once, through one replica. The first
+    layer's frame holds the channel; the second waits its turn (no frame overwritten, no answer taken by
+    the wrong layer), and both equal the experts computed here."""
+    directory = MemoryDirectory()
+    with replicas(shards[:1], directory):
+        async def run() -> None:
+            plane, experts = sharded(shards[:1], directory)
+            async with closing(plane):
+                await step_equals_oracle(experts, shards[0], 0, seed=1)  # the channel is open and in use
+                (channel,) = plane.links(0)
+                before = channel.calls
+                halves = [batch(shards[0], rows, seed) for rows, seed in ((3, 2), (5, 3))]
+                ys = await asyncio.wait_for(asyncio.gather(*(experts(1, *half) for half in halves)), WAIT_S)
+                for (x, ids, gates), y in zip(halves, ys, strict=True):
+                    torch.testing.assert_close(y, shards[0].banks[1](x, ids, gates))
+                assert channel.calls == before + 2 and experts.in_flight == 0 and experts.faults == {}
+
+        asyncio.run(run())
