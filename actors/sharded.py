@@ -40,8 +40,9 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
-from moray.actors.dataplane.channel import Channel, add_rows, spin_replies
+from moray.actors.dataplane.channel import Channel, add_rows
 from moray.actors.dataplane.gather import Gather
+from moray.actors.dataplane.shm import spin_replies
 from moray.actors.faults import FaultKind, PeerGoneError, ShardUnavailableError, busy, fault_kind
 from moray.actors.placement import Placement, split_among_replicas
 from moray.model.engine import STEP_REQUESTS

@@ -4,16 +4,10 @@
 and returns a `Channel`. A call on it is sent at once (`start`, no task or future of its own) and
 reports to a `Gather` (`actors/dataplane/gather.py`) when its answer is in: `ShardedExperts` sends
 all of a layer's calls, then waits once for all of them; `call` does the same for one call.
-- `SharedChannel` (same node): the request is gathered into a pre-allocated shared `memfd` region and
-  an eventfd is signalled; once a layer's calls are out, `spin_replies` polls the reply eventfds of
-  every call still waiting on the loop (a few µs a round; a blocked wake-up costs ~27 µs on a VM and
-  an event-loop turn more), for at most `SPIN_MAX_S` and no longer than twice the recent round trip,
-  so a shard that computes for milliseconds is not spun for. What is not answered by then reports
-  through the event loop (each reply eventfd is watched by `add_reader` for the channel's life).
-  No syscall beyond the two eventfd operations, no pickling, no buffers allocated per call.
-- `SocketChannel` (other nodes, or `transport="socket"`): the same frame on a TCP stream, sent from a
-  pre-allocated buffer (what the socket does not take at once goes from the loop's writer callback)
-  and read into another by the event loop's reader callback.
+Two kinds (`open_channel` in `actors/dataplane/table.py` picks one): `SharedChannel` (same node,
+`actors/dataplane/shm.py`: a shared `memfd` region and eventfds, replies polled briefly by `spin_replies`)
+and `SocketChannel` (other nodes, or `transport="socket"`: the same frame on a TCP stream,
+`actors/dataplane/tcp.py`). No pickling, no buffers allocated per call.
 
 Faults (`actors/faults.py`): any error on a channel ends it. A peer's death is noticed at once (the
 Unix/TCP socket closes; TCP keepalive and `TCP_USER_TIMEOUT` for a vanished node or a half-open
@@ -31,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import mmap
-import os
 import socket
 import time
 from collections import deque
@@ -41,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moray.actors.dataplane.endpoint import TOKEN_BYTES, recv_exact, set_keepalive
+from moray.actors.dataplane.endpoint import TOKEN_BYTES, recv_exact
 from moray.actors.dataplane.frames import (
     HEADER_BYTES,
     MAX_TAG_BYTES,
@@ -57,8 +49,7 @@ from moray.actors.dataplane.frames import (
 from moray.actors.dataplane.gather import Gather
 from moray.actors.faults import FaultKind, PeerGoneError
 
-__all__ = ["Channel", "ChannelSpec", "Endpoint", "PeerGoneError", "SharedChannel", "SocketChannel",
-           "add_rows", "open_channel"]
+__all__ = ["Channel", "ChannelSpec", "Endpoint", "PeerGoneError", "add_rows", "await_welcome"]
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +107,7 @@ def add_rows(out: torch.Tensor, rows: torch.Tensor | None, y: torch.Tensor) -> N
         out.index_add_(0, rows.to(out.device), y)
 
 
-def _await_welcome(sock: socket.socket, endpoint: Endpoint) -> None:
+def await_welcome(sock: socket.socket, endpoint: Endpoint) -> None:
     buf = bytearray(HEADER_BYTES + 4096)
     if not recv_exact(sock, memoryview(buf)[:HEADER_BYTES]):
         raise PeerGoneError(f"shard {endpoint.shard} replica {endpoint.replica} closed during the handshake")
@@ -129,11 +120,6 @@ def _await_welcome(sock: socket.socket, endpoint: Endpoint) -> None:
         raise FrameError(f"expected WELCOME, got {Kind(h.kind).name}")
 
 
-def open_channel(endpoint: Endpoint, spec: ChannelSpec, shared: bool) -> Channel:
-    """Connect to `endpoint`: shared memory when `shared` (same node), else TCP. Blocking."""
-    if shared:
-        return SharedChannel.connect(endpoint, spec)
-    return SocketChannel.connect(endpoint, spec)
 
 
 class Channel:
@@ -236,7 +222,7 @@ class Channel:
             raise
         try:
             if spin:
-                spin_replies(self._loop)
+                self._spin()
             await gather.wait()
         except asyncio.CancelledError:
             self.abandon()
@@ -374,8 +360,14 @@ class Channel:
         if gather is None or self._reported:
             return
         self._reported, self._error = True, error
-        _waiting.discard(self)  # type: ignore[arg-type]
+        self._not_waiting()
         gather.report(self, error is not None)
+
+    def _not_waiting(self) -> None:
+        """Its call is answered or failed: nothing more to poll for it (shared memory keeps a set)."""
+
+    def _spin(self) -> None:
+        """Poll briefly for the answers before yielding to the event loop (shared memory only)."""
 
     def _readable(self) -> None:
         raise NotImplementedError
@@ -397,270 +389,3 @@ class Channel:
         self._wake(PeerGoneError(self._named("closed"), self.fault or "died"))
         self._unwatch()
         self.sock.close()
-
-
-class SharedChannel(Channel):
-    def __init__(self, endpoint: Endpoint, spec: ChannelSpec, sock: socket.socket, mm: mmap.mmap,
-                 req_fd: int, rep_fd: int) -> None:
-        super().__init__(endpoint, spec, sock)
-        self.mm, self.req_fd, self.rep_fd = mm, req_fd, rep_fd
-        cap = spec.capacity
-        self.req = FrameBuffer(memoryview(mm)[:cap])
-        self.rep = FrameBuffer(memoryview(mm)[cap:])
-        self._control = bytearray(HEADER_BYTES)
-        self._control_got = 0
-
-    @classmethod
-    def connect(cls, endpoint: Endpoint, spec: ChannelSpec) -> SharedChannel:
-        fds: list[int] = []
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        mm = None
-        try:
-            fds.append(os.memfd_create(f"moray-channel-{endpoint.shard}", os.MFD_CLOEXEC))
-            fds += [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
-            os.ftruncate(fds[0], 2 * spec.capacity)
-            mm = mmap.mmap(fds[0], 2 * spec.capacity)
-            sock.settimeout(CONNECT_TIMEOUT_S)
-            sock.connect("\0" + endpoint.unix)
-            socket.send_fds(sock, [bytes(spec.hello(endpoint.token))], fds)
-            _await_welcome(sock, endpoint)
-        except BaseException:
-            sock.close()
-            for fd in fds[1:]:
-                os.close(fd)
-            if mm is not None:
-                mm.close()
-            raise
-        finally:
-            if fds:
-                os.close(fds[0])  # the mapping keeps the segment; it goes when both ends unmap
-        return cls(endpoint, spec, sock, mm, fds[1], fds[2])
-
-    def _attached(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.add_reader(self.rep_fd, self._replied)
-
-    def _write(self, seq: int, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-               tags: bytes, rows: torch.Tensor | None) -> int:
-        return self.req.write_request(seq, layer, x, expert_ids, gates, tags, rows)
-
-    def _signal(self, n: int) -> None:
-        try:
-            os.eventfd_write(self.req_fd, 1)
-        except OSError as e:
-            self.fail(f"request eventfd: {e}", "died")
-            return
-        _waiting.add(self)
-
-    def _read_reply(self, rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.rep.read_reply(self.seq, rows, dim, dtype)
-
-    def _answered(self) -> bool:
-        try:
-            h = Header.unpack(self.rep.buf)
-        except FrameError:
-            return False
-        return h.seq == self.seq and h.kind in (Kind.REPLY, Kind.ERROR, Kind.REFUSED)
-
-    def _poll(self) -> bool:
-        """Whether the call out has its answer (reporting it if so)."""
-        if self._gather is None or self._reported:
-            return True
-        try:
-            os.eventfd_read(self.rep_fd)
-        except BlockingIOError:
-            return False
-        self._wake()
-        return True
-
-    def _replied(self) -> None:
-        try:
-            os.eventfd_read(self.rep_fd)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self._unwatch(self.rep_fd)
-            self.fail(f"reply eventfd: {e}", "died")
-            return
-        self._wake()
-
-    def _readable(self) -> None:
-        """The Unix socket: a DRAIN (read a header's bytes at a time), or the peer's end closing."""
-        try:
-            n = self.sock.recv_into(memoryview(self._control)[self._control_got:])
-        except BlockingIOError:
-            return
-        except OSError as e:
-            n, why = 0, str(e)
-        else:
-            why = "the shard replica closed the channel (stopped or died)"
-        if n == 0:
-            self._unwatch()
-            self.fail(why, "died")
-            return
-        self._control_got += n
-        if self._control_got < HEADER_BYTES:
-            return
-        self._control_got = 0
-        try:
-            kind = Header.unpack(memoryview(self._control)).kind
-        except FrameError as e:
-            kind, why = None, str(e)
-        if kind == Kind.DRAIN:
-            self.draining = True
-        else:
-            self._unwatch()
-            self.fail(f"bad control frame from the shard: {why if kind is None else Kind(kind).name}",
-                      "refused")
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._unwatch(self.rep_fd)
-        super().close()
-        for fd in (self.req_fd, self.rep_fd):
-            os.close(fd)
-        del self.req, self.rep
-        try:
-            self.mm.close()
-        except BufferError:
-            pass  # a view is still referenced somewhere; the mapping goes with it
-
-
-_waiting: set[SharedChannel] = set()  # calls awaiting their answer (all loops; a spin polls its own loop's)
-
-
-def spin_replies(loop: asyncio.AbstractEventLoop) -> None:
-    """Poll the reply eventfd of every shared-memory call waiting on `loop` (a layer's calls, and a
-    concurrent micro-batch's), and report each one answered, until all are or the budget is spent: twice
-    the slowest recent round trip, within [SPIN_MIN_S, SPIN_MAX_S]; nothing when that is longer than
-    SPIN_MAX_S (a shard that computes for milliseconds is not spun for)."""
-    waiting = [c for c in _waiting if c._loop is loop]
-    if not waiting:
-        return
-    expect = max(c.round_trip_s for c in waiting)
-    if expect > SPIN_MAX_S:
-        return
-    end = time.perf_counter() + min(max(2 * expect, SPIN_MIN_S), SPIN_MAX_S)
-    while waiting:
-        waiting = [c for c in waiting if not c._poll()]
-        if time.perf_counter() > end:
-            return
-
-
-class SocketChannel(Channel):
-    def __init__(self, endpoint: Endpoint, spec: ChannelSpec, sock: socket.socket) -> None:
-        super().__init__(endpoint, spec, sock)
-        self.outbound, self.inbound = bytearray(spec.capacity), bytearray(spec.capacity)
-        self.out, self.inb = FrameBuffer(memoryview(self.outbound)), FrameBuffer(memoryview(self.inbound))
-        self._view = memoryview(self.inbound)
-        self._got, self._want = 0, HEADER_BYTES
-        self._outgoing: memoryview | None = None  # what is left to send of the frame out
-        self._writing = False  # the event loop's writer callback is set
-
-    @classmethod
-    def connect(cls, endpoint: Endpoint, spec: ChannelSpec) -> SocketChannel:
-        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=CONNECT_TIMEOUT_S)
-        try:
-            set_keepalive(sock)
-            sock.sendall(spec.hello(endpoint.token))
-            _await_welcome(sock, endpoint)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(endpoint, spec, sock)
-
-    def _write(self, seq: int, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
-               tags: bytes, rows: torch.Tensor | None) -> int:
-        return self.out.write_request(seq, layer, x, expert_ids, gates, tags, rows)
-
-    def _signal(self, n: int) -> None:
-        """Send what the socket takes now; the rest goes out from the event loop's writer callback."""
-        self._outgoing = memoryview(self.outbound)[:n]
-        self._writable()
-
-    def _writable(self) -> None:
-        assert self._loop is not None
-        while self._outgoing is not None:
-            try:
-                sent = self.sock.send(self._outgoing)
-            except BlockingIOError:
-                if not self._writing:
-                    self._loop.add_writer(self.sock.fileno(), self._writable)
-                    self._writing = True
-                return
-            except OSError as e:
-                self._stop_writing()
-                return self._gone(f"{type(e).__name__}: {e}", "died")
-            self._outgoing = self._outgoing[sent:] if sent < len(self._outgoing) else None
-        self._stop_writing()
-
-    def _stop_writing(self) -> None:
-        self._outgoing = None
-        if self._writing:
-            self._writing = False
-            if self._loop is not None and not self._loop.is_closed():
-                try:
-                    self._loop.remove_writer(self.sock.fileno())
-                except (ValueError, OSError):
-                    pass
-
-    def _read_reply(self, rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.inb.read_reply(self.seq, rows, dim, dtype)
-
-    def _resume(self) -> None:
-        self._stop_writing()  # a frame refused before it was all sent: the rest is not wanted
-        self._got, self._want = 0, HEADER_BYTES
-        if self.dead is None and self._loop is not None:
-            self._loop.add_reader(self.sock.fileno(), self._readable)  # paused while the reply was read
-
-    def _readable(self) -> None:
-        """Read what has arrived; a whole REPLY/ERROR frame wakes the call, a DRAIN marks the channel."""
-        while self._got < self._want:
-            try:
-                n = self.sock.recv_into(self._view[self._got:self._want])
-            except BlockingIOError:
-                return
-            except OSError as e:
-                return self._gone(str(e), "died")
-            if n == 0:
-                return self._gone("the shard replica closed the channel (stopped or died)", "died")
-            self._got += n
-            if self._got == HEADER_BYTES and self._want == HEADER_BYTES:
-                if not self._header():
-                    return
-        self._frame_done()
-
-    def _header(self) -> bool:
-        try:
-            h = Header.unpack(self._view)
-        except FrameError as e:
-            self._gone(f"bad frame from the shard: {e}", "refused")
-            return False
-        if h.payload > len(self._view) - HEADER_BYTES:
-            self._gone(f"oversized frame from the shard: {h.payload} bytes", "refused")
-            return False
-        self._want = HEADER_BYTES + h.payload
-        return True
-
-    def _frame_done(self) -> None:
-        assert self._loop is not None
-        h = Header.unpack(self._view)
-        if h.kind == Kind.DRAIN:
-            self.draining = True
-            self._got, self._want = 0, HEADER_BYTES
-            return
-        self._loop.remove_reader(self.sock.fileno())  # hold the frame until the call has read it
-        if self._gather is None or self._reported:
-            self._gone(f"unexpected {Kind(h.kind).name} frame from the shard", "refused")
-            return
-        self._wake()
-
-    def _gone(self, why: str, kind: FaultKind) -> None:
-        self._unwatch()
-        self._stop_writing()
-        self.fail(why, kind)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._stop_writing()
-        super().close()

@@ -28,9 +28,11 @@ from typing import Any, Literal
 
 import torch
 
-from moray.actors.dataplane.channel import Channel, ChannelSpec, Endpoint, open_channel
+from moray.actors.dataplane.channel import Channel, ChannelSpec, Endpoint
 from moray.actors.dataplane.directory import FORGET_S, STALE_S, Directory
 from moray.actors.dataplane.frames import RemoteError
+from moray.actors.dataplane.shm import SharedChannel
+from moray.actors.dataplane.tcp import SocketChannel
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,13 @@ WAIT_POLL_S = 0.05  # how often a caller with no usable channel looks again
 RETRY_CONNECT_S = 0.5  # first back-off after a failed connect or a faulted channel; doubles up to:
 MAX_BACKOFF_S = 8.0
 PROBE_TIMEOUT_S = 5.0  # a new channel's first call (one row) must be answered within this
+
+
+def open_channel(endpoint: Endpoint, spec: ChannelSpec, shared: bool) -> Channel:
+    """Connect to `endpoint`: shared memory when `shared` (same node), else TCP. Blocking."""
+    if shared:
+        return SharedChannel.connect(endpoint, spec)
+    return SocketChannel.connect(endpoint, spec)
 
 
 @dataclass

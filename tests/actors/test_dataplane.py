@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from moray.actors.dataplane.channel import Channel, ChannelSpec, Endpoint, PeerGoneError, open_channel
+from moray.actors.dataplane.channel import Channel, ChannelSpec, Endpoint, PeerGoneError
 from moray.actors.dataplane.endpoint import TOKEN_BYTES, ShardEndpoint, recv_exact
 from moray.actors.dataplane.frames import (
     HEADER_BYTES,
@@ -31,6 +31,7 @@ from moray.actors.dataplane.frames import (
     RemoteError,
     capacity,
 )
+from moray.actors.dataplane.table import open_channel
 from moray.actors.experts import ExpertShard
 from moray.model.config import MixtralConfig
 

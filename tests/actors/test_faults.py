@@ -29,18 +29,12 @@ import torch
 
 import moray.actors.dataplane.endpoint as endpoint_module
 import moray.actors.dataplane.table as dataplane_module
-from moray.actors.dataplane.channel import (
-    Channel,
-    ChannelSpec,
-    Endpoint,
-    PeerGoneError,
-    SharedChannel,
-    open_channel,
-)
+from moray.actors.dataplane.channel import Channel, ChannelSpec, Endpoint, PeerGoneError
 from moray.actors.dataplane.directory import Directory, Heartbeat
 from moray.actors.dataplane.endpoint import TOKEN_BYTES, ShardEndpoint, recv_exact
 from moray.actors.dataplane.frames import HEADER_BYTES, FrameBuffer, Header, Kind, Limits, RemoteError
-from moray.actors.dataplane.table import DataPlane
+from moray.actors.dataplane.shm import SharedChannel
+from moray.actors.dataplane.table import DataPlane, open_channel
 from moray.actors.experts import ExpertShard
 from moray.actors.placement import Placement
 from moray.actors.sharded import ShardedExperts, ShardUnavailableError
