@@ -27,7 +27,7 @@ from moray.model.kv_cache import BlockPool, KVCache
 from moray.model.layers import StepBatch
 from moray.model.mixtral import ExpertBackend, Mixtral
 from moray.model.sampling import SamplingParams, SamplingTensors, sample, sample_rows, score, score_rows
-from moray.model.structured import Constraint, ConstraintError, GrammarMatcher, Grammars, mask_logits
+from moray.model.structured import Constraint, ConstraintError, GrammarMatcher, Grammars, TokenMasks
 from moray.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._grammars: Grammars | None = None  # made on the first constrained request
         self._grammars_lock = threading.Lock()
+        self._masks = TokenMasks(model.cfg.vocab_size)  # the constrained rows' bitmask, reused every step
 
     # ---- requests -------------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
@@ -434,13 +435,14 @@ class AsyncEngine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         constrained = [i for i, s in enumerate(seqs) if s.matcher is not None and not s.done]
-        mask_logits(logits, constrained, [seqs[i].matcher for i in constrained])  # type: ignore[misc]
+        self._masks.apply(logits, constrained, [seqs[i].matcher for i in constrained])  # type: ignore[misc]
         params = [s.params for s in seqs]
         tensors = SamplingTensors.from_params(
             params, [s.seed for s in seqs], [s.generated for s in seqs], logits.device
         )
         num_logprobs = max((p.logprobs or 0 for p in params), default=0)
-        out = (sample_rows if self.config.deterministic else sample)(logits, tensors, num_logprobs)
+        wanted = any(p.logprobs is not None for p in params)  # else no log-softmax at all
+        out = (sample_rows if self.config.deterministic else sample)(logits, tensors, num_logprobs, wanted)
         ids, lps = out.token_ids.tolist(), out.logprobs.tolist()
         top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.tolist()
         for i, seq in enumerate(seqs):
