@@ -171,8 +171,11 @@ class AsyncEngine:
         self.times = StepTimes()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._grammars: Grammars | None = None  # made on the first constrained request
+        self._grammars: Grammars | None = None  # made in the background now (`_prepare_grammars`)
         self._grammars_lock = threading.Lock()
+        self._grammars_thread = threading.Thread(target=self._prepare_grammars, name="moray-grammars",
+                                                 daemon=True)
+        self._grammars_thread.start()
         self._masks = TokenMasks(model.cfg.vocab_size)  # the constrained rows' bitmask, reused every step
 
     # ---- requests -------------------------------------------------------------------------------
@@ -220,6 +223,14 @@ class AsyncEngine:
             return await asyncio.to_thread(lambda: self.grammars().matcher(constraint))
         except ConstraintError as e:
             raise RequestError(str(e)) from None
+
+    def _prepare_grammars(self) -> None:
+        """Build xgrammar's view of the vocabulary (~40 ms for 32768 tokens) before any request needs it:
+        a first constrained request then pays only its own grammar's compile."""
+        try:
+            self.grammars()
+        except Exception:  # noqa: BLE001 - the first constrained request builds it again and gets the error
+            log.warning("could not prepare constrained decoding", exc_info=True)
 
     def grammars(self) -> Grammars:
         with self._grammars_lock:

@@ -76,11 +76,9 @@ class Constraint:
 def tokenizer_info(tokenizer: Tokenizer, vocab_size: int) -> xgr.TokenizerInfo:
     """xgrammar's view of the sentencepiece vocabulary, padded to the model's `vocab_size`. Control
     and unknown tokens get an empty piece: xgrammar treats those as special and never allows them."""
-    sp = tokenizer.sp
-    pieces = [
-        "" if sp.is_control(i) or sp.is_unknown(i) else tokenizer.id_to_piece(i)
-        for i in range(tokenizer.vocab_size)
-    ]
+    sp, ids = tokenizer.sp, list(range(tokenizer.vocab_size))
+    special = [c or u for c, u in zip(sp.is_control(ids), sp.is_unknown(ids), strict=True)]  # one call each
+    pieces = ["" if s else tokenizer.id_to_piece(i) for i, s in enumerate(special)]
     return xgr.TokenizerInfo(pieces, xgr.VocabType.BYTE_FALLBACK, vocab_size=vocab_size,
                              stop_token_ids=[tokenizer.eos_id], add_prefix_space=True)
 

@@ -126,6 +126,14 @@ def test_resumed_stream_continues_the_grammar(engine: AsyncEngine) -> None:
         run(engine, GenerateRequest(prompt, params, generated=engine.tokenizer.encode("no", bos=False)))
 
 
+def test_the_vocabulary_is_prepared_before_any_request(tiny_dir: Path) -> None:
+    """A new engine builds xgrammar's view of the vocabulary in the background: the first constrained
+    request only compiles its own grammar."""
+    fresh = make_engine(tiny_dir)
+    fresh._grammars_thread.join(timeout=120)
+    assert fresh._grammars is not None and fresh._grammars.compiled == 0
+
+
 def test_grammars_compile_once_and_mask_only_their_rows(tiny_dir: Path) -> None:
     tok = Tokenizer.from_model_dir(tiny_dir)
     grammars = Grammars(tok, vocab_size=tok.vocab_size + 64, cache_size=2)  # a padded model vocabulary
@@ -141,6 +149,7 @@ def test_grammars_compile_once_and_mask_only_their_rows(tiny_dir: Path) -> None:
     assert torch.equal(logits[[0, 2]], before[[0, 2]])
     allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
     assert allowed and all(i < tok.vocab_size for i in allowed)  # padding ids never allowed
+    assert not any(tok.sp.is_control(i) or tok.sp.is_unknown(i) for i in allowed)
     firsts = {tok.decode([i]) for i in allowed}
     assert all(any(c.startswith(f) for c in CHOICES) for f in firsts)
     assert {"y", "n", "m"} <= {f[:1] for f in firsts}
