@@ -174,9 +174,9 @@ class TokenMasks:
         forbidden = logits.new_full((), float("-inf"))
         if every:
             torch.where(allowed, logits, forbidden, out=logits)
-        else:
-            index = torch.tensor(rows)
-            logits[index] = torch.where(allowed, logits[index], forbidden)
+            return
+        for row, row_allowed in zip(rows, allowed, strict=True):  # in place: no gather and scatter of rows
+            torch.where(row_allowed, logits[row], forbidden, out=logits[row])
 
     def _fill(self, batch: int, rows: Sequence[int], matchers: Sequence[GrammarMatcher]) -> None:
         if self.bitmask.shape[0] < batch:
