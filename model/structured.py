@@ -151,7 +151,7 @@ class TokenMasks:
 
     def __init__(self, vocab_size: int, threads: int | None = None) -> None:
         self.vocab_size = vocab_size
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [R, W], grown by `_rows`
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [R, W], grown by `_fill`
         self.threads = threads if threads is not None else (os.cpu_count() or 2) // 2
         self._batch: xgr.BatchGrammarMatcher | None = None
 
@@ -166,7 +166,7 @@ class TokenMasks:
             bitmask = self.bitmask[: logits.shape[0]].to(logits.device, non_blocking=True)
             xgr.apply_token_bitmask_inplace(logits, bitmask, indices=list(rows))
             return
-        every = len(rows) == logits.shape[0]  # all rows, in order (rows are distinct)
+        every = len(rows) == logits.shape[0]  # the (distinct) rows cover the batch, in any order
         words = self.bitmask[: logits.shape[0]] if every else self.bitmask[list(rows)]  # [K, W]
         bits = np.unpackbits(words.numpy().astype("<i4", copy=False).view(np.uint8), axis=-1,
                              count=logits.shape[-1], bitorder="little")  # [K, V] uint8, 1 = allowed
