@@ -245,25 +245,33 @@ def _choose(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return token_ids
 
 
-def sample(logits: torch.Tensor, tensors: SamplingTensors, num_logprobs: int = 0) -> SampleOutput:
-    """Sample one token per row of `logits` [B, V]; `num_logprobs` top alternatives per row (N)."""
+def sample(logits: torch.Tensor, tensors: SamplingTensors, num_logprobs: int = 0,
+           logprobs: bool = True) -> SampleOutput:
+    """Sample one token per row of `logits` [B, V]; `num_logprobs` top alternatives per row (N).
+    `logprobs` False: the caller reads none (the chosen logprobs are NaN, N = 0) and no log-softmax runs."""
     if logits.dim() != 2 or logits.shape[0] != len(tensors):
         raise ValueError(f"logits must be [B, V] with B = {len(tensors)} rows, got {tuple(logits.shape)}")
     logits = logits.float()
     token_ids = _choose(logits, tensors)  # [B]
-    lse = logits.logsumexp(dim=-1, keepdim=True)  # [B, 1]: logprobs are raw (temperature 1) log-softmax
-    chosen = (logits.gather(-1, token_ids[:, None]) - lse).squeeze(-1)  # [B]
-    top, top_ids = logits.topk(min(num_logprobs, logits.shape[-1]), dim=-1)  # [B, N]
-    return SampleOutput(token_ids, chosen, top_ids, top - lse)
+    if not logprobs:
+        nan = torch.full(token_ids.shape, float("nan"), device=logits.device)  # [B]
+        return SampleOutput(token_ids, nan, token_ids[:, None][:, :0], nan[:, None][:, :0])  # N = 0
+    # Raw (temperature 1) log-softmax. Its kernel stays fast on rows a grammar set mostly to -inf, where
+    # `logsumexp`'s exp measured 2.5x slower (16 x 32768, one core: 4.3 against 1.7 ms).
+    logp = logits.log_softmax(dim=-1)  # [B, V]
+    chosen = logp.gather(-1, token_ids[:, None]).squeeze(-1)  # [B]
+    top, top_ids = logp.topk(min(num_logprobs, logits.shape[-1]), dim=-1)  # [B, N]
+    return SampleOutput(token_ids, chosen, top_ids, top)
 
 
-def sample_rows(logits: torch.Tensor, tensors: SamplingTensors, num_logprobs: int = 0) -> SampleOutput:
+def sample_rows(logits: torch.Tensor, tensors: SamplingTensors, num_logprobs: int = 0,
+                logprobs: bool = True) -> SampleOutput:
     """`sample`, one row at a time: every row's token and logprobs are exactly what it would get alone
     (the batched reductions over V split differently with the row count). For deterministic mode."""
     names = [f.name for f in fields(SamplingTensors)]
     rows = [SamplingTensors(*(getattr(tensors, n)[i : i + 1] for n in names)) for i in range(len(tensors))]
-    outs = [sample(logits[i : i + 1], row, num_logprobs) for i, row in enumerate(rows)]
-    return _cat(outs) if outs else sample(logits, tensors, num_logprobs)
+    outs = [sample(logits[i : i + 1], row, num_logprobs, logprobs) for i, row in enumerate(rows)]
+    return _cat(outs) if outs else sample(logits, tensors, num_logprobs, logprobs)
 
 
 Out = TypeVar("Out", SampleOutput, "ScoreOutput")

@@ -3,8 +3,8 @@
 A `Constraint` (a JSON schema, any JSON object, a regex, a choice among strings, an EBNF/Lark grammar)
 rides in a request's `SamplingParams`. `Grammars` compiles it once per distinct constraint (an LRU of
 `CompiledGrammar`s over one `xgrammar.GrammarCompiler`), `Grammars.matcher` makes a sequence's
-`xgrammar.GrammarMatcher`, and `mask_logits` sets every token the grammar does not allow next to -inf
-in the constrained rows of a step's logits (the other rows are not touched). The engine accepts each
+`xgrammar.GrammarMatcher`, and an engine's `TokenMasks` sets every token the grammar does not allow next
+to -inf in the constrained rows of a step's logits (the other rows are not touched). The engine accepts each
 sampled token into its sequence's matcher; the grammar's end is the end-of-sequence token, so a
 constrained sequence finishes "stop" when its matcher accepts EOS.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import xgrammar as xgr
 
@@ -74,11 +76,9 @@ class Constraint:
 def tokenizer_info(tokenizer: Tokenizer, vocab_size: int) -> xgr.TokenizerInfo:
     """xgrammar's view of the sentencepiece vocabulary, padded to the model's `vocab_size`. Control
     and unknown tokens get an empty piece: xgrammar treats those as special and never allows them."""
-    sp = tokenizer.sp
-    pieces = [
-        "" if sp.is_control(i) or sp.is_unknown(i) else tokenizer.id_to_piece(i)
-        for i in range(tokenizer.vocab_size)
-    ]
+    sp, ids = tokenizer.sp, list(range(tokenizer.vocab_size))
+    special = [c or u for c, u in zip(sp.is_control(ids), sp.is_unknown(ids), strict=True)]  # one call each
+    pieces = ["" if s else tokenizer.id_to_piece(i) for i, s in enumerate(special)]
     return xgr.TokenizerInfo(pieces, xgr.VocabType.BYTE_FALLBACK, vocab_size=vocab_size,
                              stop_token_ids=[tokenizer.eos_id], add_prefix_space=True)
 
@@ -136,12 +136,55 @@ class Grammars:
         return GrammarMatcher(self.compile(constraint))
 
 
-def mask_logits(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[GrammarMatcher]) -> None:
-    """Set the tokens each matcher forbids to -inf in its row of `logits` [B, V] (in place, xgrammar's
-    kernel for the device); rows not listed are untouched."""
-    if not rows:
-        return
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[-1])  # [B, W] int32, all allowed
-    for row, m in zip(rows, matchers, strict=True):
-        m.fill_next_token_bitmask(bitmask, row)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=list(rows))
+class TokenMasks:
+    """One engine's grammar masks, a step at a time: `apply` fills the bitmask of a step's constrained rows
+    and sets the tokens they forbid to -inf in those rows of the logits; free rows cost nothing.
+
+    The int32 bitmask [R, W] is allocated once and grown to the most rows a step has had (R >= B); only
+    the constrained rows are filled (a fill writes the whole row) and read. The fill is xgrammar's: its
+    threaded `BatchGrammarMatcher` where this machine has cores to spare (`threads` > 1, by default
+    xgrammar's own choice, half the cores), else one matcher after another in this thread (~10 µs a row
+    here; on 2 cores, handing 16 rows to a worker thread measured slower, as the model's threads hold both
+    cores). On CPU the mask is applied by unpacking the bits (numpy, SIMD) and one `torch.where`: measured
+    4x faster than xgrammar's CPU kernel (3.3 -> 0.8 ms for 16 x 32768 logits, one core); on GPUs,
+    xgrammar's kernel."""
+
+    def __init__(self, vocab_size: int, threads: int | None = None) -> None:
+        self.vocab_size = vocab_size
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [R, W], grown by `_fill`
+        self.threads = threads if threads is not None else (os.cpu_count() or 2) // 2
+        self._batch: xgr.BatchGrammarMatcher | None = None
+
+    def apply(self, logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[GrammarMatcher]) -> None:
+        """Mask row `rows[i]` of `logits` [B, V] (in place) with `matchers[i]`; other rows untouched."""
+        if not rows:
+            return
+        if len(rows) != len(matchers):
+            raise ValueError(f"{len(rows)} rows but {len(matchers)} matchers")
+        self._fill(logits.shape[0], rows, matchers)
+        if logits.device.type != "cpu":
+            bitmask = self.bitmask[: logits.shape[0]].to(logits.device, non_blocking=True)
+            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=list(rows))
+            return
+        every = len(rows) == logits.shape[0]  # the (distinct) rows cover the batch, in any order
+        words = self.bitmask[: logits.shape[0]] if every else self.bitmask[list(rows)]  # [K, W]
+        bits = np.unpackbits(words.numpy().astype("<i4", copy=False).view(np.uint8), axis=-1,
+                             count=logits.shape[-1], bitorder="little")  # [K, V] uint8, 1 = allowed
+        allowed = torch.from_numpy(bits).view(torch.bool)
+        forbidden = logits.new_full((), float("-inf"))
+        if every:
+            torch.where(allowed, logits, forbidden, out=logits)
+            return
+        for row, row_allowed in zip(rows, allowed, strict=True):  # in place: no gather and scatter of rows
+            torch.where(row_allowed, logits[row], forbidden, out=logits[row])
+
+    def _fill(self, batch: int, rows: Sequence[int], matchers: Sequence[GrammarMatcher]) -> None:
+        if self.bitmask.shape[0] < batch:
+            self.bitmask = xgr.allocate_token_bitmask(max(batch, 2 * self.bitmask.shape[0]), self.vocab_size)
+        if self.threads > 1:
+            if self._batch is None:
+                self._batch = xgr.BatchGrammarMatcher(self.threads)
+            self._batch.batch_fill_next_token_bitmask(list(matchers), self.bitmask, list(rows))
+            return
+        for row, m in zip(rows, matchers, strict=True):
+            m.fill_next_token_bitmask(self.bitmask, row)

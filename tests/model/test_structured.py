@@ -11,11 +11,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
+import xgrammar as xgr
 
 from moray.model.engine import AsyncEngine, EngineConfig, GenerateRequest, RequestError, TokenEvent
 from moray.model.mixtral import load_local
 from moray.model.sampling import SamplingParams
-from moray.model.structured import Constraint, Grammars, mask_logits
+from moray.model.structured import Constraint, Grammars, TokenMasks
 from moray.model.tokenizer import Tokenizer
 
 SCHEMA = {
@@ -125,6 +126,14 @@ def test_resumed_stream_continues_the_grammar(engine: AsyncEngine) -> None:
         run(engine, GenerateRequest(prompt, params, generated=engine.tokenizer.encode("no", bos=False)))
 
 
+def test_the_vocabulary_is_prepared_before_any_request(tiny_dir: Path) -> None:
+    """A new engine builds xgrammar's view of the vocabulary in the background: the first constrained
+    request only compiles its own grammar."""
+    fresh = make_engine(tiny_dir)
+    fresh._grammars_thread.join(timeout=120)
+    assert fresh._grammars is not None and fresh._grammars.compiled == 0
+
+
 def test_grammars_compile_once_and_mask_only_their_rows(tiny_dir: Path) -> None:
     tok = Tokenizer.from_model_dir(tiny_dir)
     grammars = Grammars(tok, vocab_size=tok.vocab_size + 64, cache_size=2)  # a padded model vocabulary
@@ -136,10 +145,37 @@ def test_grammars_compile_once_and_mask_only_their_rows(tiny_dir: Path) -> None:
     assert len(grammars.cache) == 2 and choice not in grammars.cache  # least recently used dropped
     logits = torch.randn(3, grammars.vocab_size)
     before = logits.clone()
-    mask_logits(logits, [1], [grammars.matcher(choice)])
+    TokenMasks(grammars.vocab_size).apply(logits, [1], [grammars.matcher(choice)])
     assert torch.equal(logits[[0, 2]], before[[0, 2]])
     allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
     assert allowed and all(i < tok.vocab_size for i in allowed)  # padding ids never allowed
+    assert not any(tok.sp.is_control(i) or tok.sp.is_unknown(i) for i in allowed)
     firsts = {tok.decode([i]) for i in allowed}
     assert all(any(c.startswith(f) for c in CHOICES) for f in firsts)
     assert {"y", "n", "m"} <= {f[:1] for f in firsts}
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["this-thread", "batched"])
+def test_masks_equal_xgrammars_own_kernel(tiny_dir: Path, threads: int) -> None:
+    """The engine's masks (a reused, growing bitmask; the CPU apply by unpacked bits) against xgrammar's own
+    fill and kernel on a fresh bitmask: all rows in order, some rows out of order, a padded vocabulary,
+    matchers mid-string (most tokens allowed) and mid-structure (few allowed)."""
+    tok = Tokenizer.from_model_dir(tiny_dir)
+    grammars = Grammars(tok, vocab_size=tok.vocab_size + 64)
+    matchers = [grammars.matcher(c) for c in CONSTRAINTS]
+    for m, prefix in zip(matchers, ['{"age": 4, "name": "ab', "12", "ye", "(1+"], strict=True):
+        assert m.accept_string(prefix)
+    matchers.append(grammars.matcher(CONSTRAINTS[0]))  # at its start
+    masks = TokenMasks(grammars.vocab_size, threads=threads)
+    generator = torch.Generator().manual_seed(7)
+    for batch, rows in [(2, [1, 0]), (5, [0, 1, 2, 3, 4]), (8, [6, 0, 3]), (8, [2, 7, 5, 1])]:
+        chosen = [matchers[(r + batch) % len(matchers)] for r in rows]
+        logits = torch.randn(batch, grammars.vocab_size, generator=generator)
+        expected = logits.clone()
+        bitmask = xgr.allocate_token_bitmask(batch, grammars.vocab_size)
+        for row, m in zip(rows, chosen, strict=True):
+            m.fill_next_token_bitmask(bitmask, row)
+        xgr.apply_token_bitmask_inplace(expected, bitmask, indices=rows)
+        masks.apply(logits, rows, chosen)
+        assert torch.equal(logits, expected), (batch, rows)
+    assert masks.bitmask.shape[0] >= 8
