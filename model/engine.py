@@ -20,15 +20,20 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from moray.model.errors import QueueFullError, RequestError
 from moray.model.kv_cache import BlockPool, KVCache
 from moray.model.layers import StepBatch
 from moray.model.mixtral import ExpertBackend, Mixtral
 from moray.model.sampling import SamplingParams, SamplingTensors, sample, sample_rows, score, score_rows
-from moray.model.structured import Constraint, ConstraintError, GrammarMatcher, Grammars, TokenMasks
+from moray.model.structured import Constraint, ConstraintError, Grammars, TokenMasks
 from moray.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +41,6 @@ log = logging.getLogger(__name__)
 STEP_REQUESTS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "moray_step_requests", default=()
 )
-
-
-class RequestError(ValueError):
-    """A request that can never be served (too long, empty): the client's fault (HTTP 400)."""
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at `max_waiting` (HTTP 429)."""
 
 
 @dataclass

@@ -28,11 +28,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-import xgrammar as xgr
 
 from moray.model.tokenizer import Tokenizer
 
@@ -40,7 +39,9 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["json", "json_object", "regex", "choice", "grammar"]
 KINDS: tuple[str, ...] = ("json", "json_object", "regex", "choice", "grammar")
-GrammarMatcher = xgr.GrammarMatcher
+if TYPE_CHECKING:
+    import xgrammar as xgr
+    from xgrammar import GrammarMatcher
 CACHE_SIZE = 256  # compiled grammars kept per process (least recently used dropped first)
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[10:21:45] /project/cpp/regex_converter.cc:94: "
 
@@ -73,12 +74,21 @@ class Constraint:
         return cls("choice", json.dumps(list(choices)))
 
 
+def _xgr() -> Any:
+    """xgrammar, imported on first use: it loads transformers (~2 s of CPU), which the processes that never
+    constrain a token (the ingress, the CLI, a client) should not pay for."""
+    import xgrammar
+
+    return xgrammar
+
+
 def tokenizer_info(tokenizer: Tokenizer, vocab_size: int) -> xgr.TokenizerInfo:
     """xgrammar's view of the sentencepiece vocabulary, padded to the model's `vocab_size`. Control
     and unknown tokens get an empty piece: xgrammar treats those as special and never allows them."""
     sp, ids = tokenizer.sp, list(range(tokenizer.vocab_size))
     special = [c or u for c, u in zip(sp.is_control(ids), sp.is_unknown(ids), strict=True)]  # one call each
     pieces = ["" if s else tokenizer.id_to_piece(i) for i, s in enumerate(special)]
+    xgr = _xgr()
     return xgr.TokenizerInfo(pieces, xgr.VocabType.BYTE_FALLBACK, vocab_size=vocab_size,
                              stop_token_ids=[tokenizer.eos_id], add_prefix_space=True)
 
@@ -95,7 +105,7 @@ class Grammars:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, cache_size: int = CACHE_SIZE) -> None:
         self.vocab_size = vocab_size
         self.info = tokenizer_info(tokenizer, vocab_size)
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+        self.compiler = _xgr().GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self.cache: OrderedDict[Constraint, xgr.CompiledGrammar] = OrderedDict()
         self.cache_size = cache_size
         self.compiled = 0  # grammars compiled (cache misses), for stats and tests
@@ -133,7 +143,7 @@ class Grammars:
             raise ConstraintError(f"invalid {c.kind} constraint: {message}") from None
 
     def matcher(self, constraint: Constraint) -> GrammarMatcher:
-        return GrammarMatcher(self.compile(constraint))
+        return _xgr().GrammarMatcher(self.compile(constraint))
 
 
 class TokenMasks:
@@ -151,7 +161,7 @@ class TokenMasks:
 
     def __init__(self, vocab_size: int, threads: int | None = None) -> None:
         self.vocab_size = vocab_size
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [R, W], grown by `_fill`
+        self.bitmask = torch.empty((0, -(-vocab_size // 32)), dtype=torch.int32)  # [R, W], grown by `_fill`
         self.threads = threads if threads is not None else (os.cpu_count() or 2) // 2
         self._batch: xgr.BatchGrammarMatcher | None = None
 
@@ -164,7 +174,7 @@ class TokenMasks:
         self._fill(logits.shape[0], rows, matchers)
         if logits.device.type != "cpu":
             bitmask = self.bitmask[: logits.shape[0]].to(logits.device, non_blocking=True)
-            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=list(rows))
+            _xgr().apply_token_bitmask_inplace(logits, bitmask, indices=list(rows))
             return
         every = len(rows) == logits.shape[0]  # the (distinct) rows cover the batch, in any order
         words = self.bitmask[: logits.shape[0]] if every else self.bitmask[list(rows)]  # [K, W]
@@ -180,10 +190,11 @@ class TokenMasks:
 
     def _fill(self, batch: int, rows: Sequence[int], matchers: Sequence[GrammarMatcher]) -> None:
         if self.bitmask.shape[0] < batch:
-            self.bitmask = xgr.allocate_token_bitmask(max(batch, 2 * self.bitmask.shape[0]), self.vocab_size)
+            rows_needed = max(batch, 2 * self.bitmask.shape[0])
+            self.bitmask = _xgr().allocate_token_bitmask(rows_needed, self.vocab_size)
         if self.threads > 1:
             if self._batch is None:
-                self._batch = xgr.BatchGrammarMatcher(self.threads)
+                self._batch = _xgr().BatchGrammarMatcher(self.threads)
             self._batch.batch_fill_next_token_bitmask(list(matchers), self.bitmask, list(rows))
             return
         for row, m in zip(rows, matchers, strict=True):

@@ -40,7 +40,7 @@ from moray.deploy.api.protocol import (
 )
 from moray.deploy.api.tools import tool_constraint
 from moray.deploy.serve.config import ServerConfig
-from moray.model.engine import QueueFullError
+from moray.model.errors import QueueFullError
 from moray.model.sampling import SamplingParams
 from moray.model.structured import Constraint, ConstraintError
 from moray.model.tokenizer import Tokenizer

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from moray.actors.faults import busy, unavailable
-from moray.model.engine import QueueFullError, RequestError
+from moray.model.errors import QueueFullError, RequestError
 
 log = logging.getLogger(__name__)
 

@@ -291,15 +291,16 @@ def started(args: list[str], host: str = "127.0.0.1", env: dict[str, str] | None
         server.port, server.grpc_port = port, grpc_port
         try:
             server.wait_ready(f"http://{host}:{port}/health")
+            deadline = time.monotonic() + 30
+            while not any("ready:" in line for line in server.lines):
+                assert time.monotonic() < deadline, server.lines
+                time.sleep(0.2)
         except AssertionError:
+            server.kill()  # a server that never became ready is not left running
             server.reader.join(timeout=10)  # the exited server's last lines
-            if server.proc.poll() is not None and any("is not free" in line for line in server.lines):
+            if any("is not free" in line for line in server.lines):
                 continue
             raise
-        deadline = time.monotonic() + 30
-        while not any("ready:" in line for line in server.lines):
-            assert time.monotonic() < deadline, server.lines
-            time.sleep(0.2)
         return server
     raise AssertionError("three picked ports were taken before the server bound them")
 
