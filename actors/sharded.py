@@ -242,6 +242,11 @@ class ShardedExperts:
         """How long an attempt on `link` waits for `rows` rows before its replica counts as hung."""
         return max(self.hung_after_s, HUNG_FACTOR * link.expected_s(rows))
 
+    def attempt_deadline(self, start: float, link: Link, rows: int) -> float:
+        """When an attempt begun now on `link` has failed: its `patience`, but no later than `shard_timeout_s`
+        after its call began (`start`)."""
+        return min(start + self.shard_timeout_s, time.perf_counter() + self.patience(link, rows))
+
     def fault(self, shard: int, error: BaseException) -> None:
         """Count a replica's fault (the caller retries the rows); raise `error` if it is not one."""
         kind = fault_kind(error)
@@ -270,7 +275,7 @@ class ShardedExperts:
                     f"no replica of expert shard {shard} answered within {self.shard_timeout_s:g} s")
             try:
                 await link.call(layer, x, ids, gates, tags, out, rows, spin,
-                                min(deadline, time.perf_counter() + self.patience(link, ids.shape[0])))
+                                self.attempt_deadline(start, link, ids.shape[0]))
                 break
             except Exception as e:
                 self.fault(shard, e)
@@ -340,10 +345,9 @@ class Hop:
         link, start = job.link, time.perf_counter()
         if isinstance(link, Channel) and link.usable:
             experts = self.experts
-            deadline = min(start + experts.shard_timeout_s, start + experts.patience(link, len(job.ids)))
             try:
-                sent = link.start(self.layer, self.x, job.ids, job.gates, self.tags, job.rows, deadline,
-                                  self.gather)
+                sent = link.start(self.layer, self.x, job.ids, job.gates, self.tags, job.rows,
+                                  experts.attempt_deadline(start, link, len(job.ids)), self.gather)
             except PeerGoneError as e:  # dead since the table was read: retry at once
                 experts.fault(job.shard, e)
                 return self._retry(job, start)

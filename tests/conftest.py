@@ -1,14 +1,22 @@
 """Session fixtures: tiny random checkpoints (made once), the device, one local Ray for the session, and
 `teacher_forced`: scoring a token sequence through a served moray app; `teacher_forced_local`: the same in
-process; FP8 checkpoints written by the compressed-tensors library (`make_fp8`, `dequantize_fp8`)."""
+process; FP8 checkpoints written by the compressed-tensors library (`make_fp8`, `dequantize_fp8`).
+
+Parallel runs (`make test`: pytest-xdist, one file per worker at a time): each worker has its own Ray (its
+own Ray temp dir, so second drivers find their worker's cluster) and an equal share of the cores for torch.
+A test marked `exclusive` (its assertions bound a time or a rate) runs while no other test runs (`turn`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +25,40 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-torch.set_num_threads(2)
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", .. in a parallel run; None otherwise
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+if WORKER:  # its own Ray temp dir: the cluster record second drivers read (`moray.connect("auto")`)
+    os.environ["RAY_TMPDIR"] = os.path.join(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(),
+                                            f"moray-{WORKER}")
+
+
+@contextmanager
+def turn(exclusive: bool) -> Iterator[None]:
+    """Hold the parallel run's test lock while a test runs: shared, or alone for an `exclusive` test. A
+    waiting exclusive test holds the gate, so no new shared turn starts before it (no starving)."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        yield
+        return
+    base = Path(tempfile.gettempdir()) / f"moray-pytest-{run}"
+    with open(f"{base}.gate", "a") as gate, open(f"{base}.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    """Each test's setup (the fixtures it is the first to need), call and teardown in its `turn`."""
+    with turn(item.get_closest_marker("exclusive") is not None):
+        yield
 
 
 @pytest.fixture(scope="session")

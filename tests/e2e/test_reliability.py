@@ -12,8 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -296,6 +294,7 @@ def resume(pid: int) -> None:
         pass  # Serve replaced it (killed it) already
 
 
+@pytest.mark.exclusive  # bounds a time: nothing else runs beside it
 def test_a_hung_expert_replica_costs_a_pause_not_an_error(hang_app: FaultApp, oracle: Oracle) -> None:
     """SIGSTOP one of shard 0's two replicas while 8 streams are mid-way: its rows go to the sibling at
     the first missed deadline; every stream keeps its tokens and pauses < MAX_PAUSE_S; after SIGCONT the
@@ -334,6 +333,7 @@ def test_a_hung_only_replica_is_replaced_and_streams_finish(fault_app: FaultApp,
           f"shard 0 healthy again {back_s:.1f} s later")
 
 
+@pytest.mark.exclusive  # bounds a time: nothing else runs beside it
 def test_a_shard_with_no_live_replica_fails_fast(fault_app: FaultApp, tiny_dir: Path) -> None:
     """`ShardedExperts` over the app's shard handles: equal to the in-process experts; with shard 0's
     replica dead and a short `shard_timeout_s`, a call fails with `ShardUnavailableError` once the
@@ -387,6 +387,7 @@ def poll_until_served(url: str, since: float) -> list[tuple[float, int, float, h
     return seen
 
 
+@pytest.mark.exclusive  # bounds a time: nothing else runs beside it
 def test_killed_dispatcher_ends_streams_with_errors_then_recovers(fault_app: FaultApp) -> None:
     wait_healthy(fault_app.url)
     (victim,) = replica_pids(fault_app.name, "dispatcher")
@@ -634,6 +635,7 @@ async def flood(app: ServedApp) -> tuple[list[tuple[httpx.Response, float]], lis
     return responses, health, engine
 
 
+@pytest.mark.exclusive  # bounds a time: nothing else runs beside it
 def test_flood_gets_fast_429s_and_every_accepted_request_is_right(served_app: ServedApp,
                                                                    oracle: Oracle) -> None:
     cfg = served_app.config
@@ -699,65 +701,3 @@ def test_routing_counts_what_the_in_process_router_chose(served_app: ServedApp, 
     assert (after["layers"], after["experts"], after["shards"]) == (cfg.n_layers, cfg.n_experts, 2)
     assert delta.tolist() == want.tolist()
     assert after["assignments"] == np.asarray(after["counts"]).sum(axis=1).tolist()
-
-
-# ---- startup errors test_serve_cli.py does not cover -----------------------------------------------------
-MARK = "MORAY_E2E_MARK"
-
-
-def marked(mark: str) -> list[int]:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get(MARK) == mark and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-def serve_fails(args: list[str]) -> str:
-    """`moray serve ARGS` must exit 2 with one `moray: error:` line, leaving no process behind."""
-    import socket
-
-    mark = os.urandom(8).hex()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MORAY_API_KEY")}
-    script = Path(sys.executable).with_name("moray")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "moray.deploy.cli"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = subprocess.run([*command, "serve", "--port", str(port), *args], capture_output=True, text=True,
-                         timeout=180, env={**env, MARK: mark})
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2, out.stderr
-    assert len(lines) == 1 and lines[0].startswith("moray: error: "), out.stderr
-    assert not marked(mark), "a startup error left processes running"
-    return lines[0]
-
-
-def test_more_shards_than_gpus_is_a_startup_error(tiny_dir: Path) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has GPUs: the GPU count check passes")
-    line = serve_fails(["--model", str(tiny_dir), "--device", "cuda", "--num-shards", "2"])
-    assert "GPU" in line and "2 shards" in line
-
-
-def test_grpc_port_in_use_is_a_startup_error(tiny_dir: Path) -> None:
-    import socket
-
-    with socket.socket() as busy:
-        busy.bind(("0.0.0.0", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        line = serve_fails(["--model", str(tiny_dir), "--grpc-port", str(port)])
-    assert "gRPC" in line and str(port) in line
-
-
-def test_unreadable_config_json_is_a_startup_error(tmp_path: Path, tiny_dir: Path) -> None:
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in tiny_dir.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    (broken / "config.json").write_text("{not json")
-    assert "broken" in serve_fails(["--model", str(broken)])
