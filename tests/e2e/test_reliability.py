@@ -736,6 +736,13 @@ def serve_fails(args: list[str]) -> str:
     return lines[0]
 
 
+def test_fp8_in_a_dtype_it_cannot_compute_is_a_startup_error(tiny_dir: Path) -> None:
+    """FP8's W8A8 kernel on CUDA writes bfloat16 only: fp32 activations are refused before anything starts."""
+    line = serve_fails(["--model", str(tiny_dir), "--quantization", "fp8", "--device", "cuda",
+                        "--dtype", "float32"])
+    assert "fp8" in line and "bfloat16" in line
+
+
 def test_more_shards_than_gpus_is_a_startup_error(tiny_dir: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has GPUs: the GPU count check passes")
