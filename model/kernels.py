@@ -97,7 +97,7 @@ class Int8Linear:
         return F.linear(x, self.q.to(x.dtype)) * self.scales  # int8-dequant: one cast, then GEMM
 
 
-LinearWeight: TypeAlias = torch.Tensor | Int8Linear | Fp8Linear  # noqa: UP040 - mypy names moray.* Any
+LinearWeight: TypeAlias = torch.Tensor | Int8Linear | Fp8Linear  # noqa: UP040 - explicit: mypy types moray.* imports as Any
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,12 +133,12 @@ class Kernels:
     """Packs the linear weights of one process for the kernels chosen on this machine.
 
     `quantize`: hold the weights as weight-only int8 (`Int8Linear`); `fp8`: as FP8 (`Fp8Linear`,
-    fp8.py: its kernel is a per-device default, never probed: the two differ in numerics). `force`:
-    one kernel for every
-    weight and row count (tests, A/B runs); it must suit the weights (a float kernel for float weights,
-    an int8 one with `quantize`). `probe=False`: no timing, the default kernel (oneDNN-packed for fp32
-    where it exists): the deterministic mode keeps its kernels. `cache_dir`: where the machine's choices
-    are kept (default $XDG_CACHE_HOME/moray, else ~/.cache/moray).
+    fp8.py: its kernel is a per-device default, never probed: the two differ in numerics). `force`: one
+    kernel for every weight and row count (tests, A/B runs); it must suit the weights (a float kernel for
+    float weights, an int8 one with `quantize`, an fp8 one with `fp8`). `probe=False`: no timing, the
+    default kernel (oneDNN-packed for fp32 where it exists): the deterministic mode keeps its kernels.
+    `cache_dir`: where the machine's choices are kept (default $XDG_CACHE_HOME/moray, else
+    ~/.cache/moray).
     """
 
     def __init__(self, *, quantize: bool = False, force: str | None = None, probe: bool = True,
