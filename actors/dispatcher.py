@@ -55,8 +55,9 @@ class Dispatcher:
         self.follower = DispatcherFollower(PlacementBoard(board)) if board else None
         version, placement = self.follower.begin(placement) if self.follower else (0, placement)
         placement.validate(cfg.n_layers, cfg.n_experts)
-        weights = load_attention(model_dir, dtype=resolve_dtype(dtype), device=device)
         self.kernels = kernels.kernels(attention=True, deterministic=engine_config.deterministic)
+        weights = load_attention(model_dir, dtype=resolve_dtype(dtype), device=device,
+                                 keep_fp8=self.kernels.fp8)
         self.model = Mixtral(cfg, weights.tensors, deterministic=engine_config.deterministic,
                              kernels=self.kernels)
         self.tokenizer = Tokenizer.from_model_dir(model_dir)

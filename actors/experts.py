@@ -72,7 +72,8 @@ class ExpertShard:
         self.shard_id, self.device = shard_id, torch.device(device)
         self.model_dir, self.dtype, self.deterministic = model_dir, resolve_dtype(dtype), deterministic
         self.cfg = MixtralConfig.load(model_dir)
-        self.kernels = kernels.kernels(deterministic=deterministic)
+        fp8_checkpoint = self.cfg.checkpoint_quant is not None
+        self.kernels = kernels.for_checkpoint(fp8_checkpoint, device).kernels(deterministic=deterministic)
         self.replica = uuid.uuid4().hex[:12]
         self.holding = Holding({}, {}, _held_mask(self.cfg.n_layers, self.cfg.n_experts, {}))
         self.follower = ShardFollower(PlacementBoard(board), self) if board else None
@@ -82,7 +83,7 @@ class ExpertShard:
         self.busy_s = 0.0
         self._seen: set[str] = set()
         log.info("expert shard %d holds %s (%.1f MB resident, %s)", shard_id, _describe(self.experts),
-                 self.param_bytes() / 1e6, "int8" if self.kernels.quantize else self.dtype)
+                 self.param_bytes() / 1e6, self.quantization)
         self.endpoint: ShardEndpoint | None = None
         self.heartbeat: Heartbeat | None = None
         self.directory = Directory(group) if group else None
@@ -114,7 +115,8 @@ class ExpertShard:
         gained = {layer: ids for layer, ids in gained.items() if ids}
         loaded = {}
         if gained:
-            loaded = load_experts(self.model_dir, gained, dtype=self.dtype, device=self.device).tensors
+            loaded = load_experts(self.model_dir, gained, dtype=self.dtype, device=self.device,
+                                  keep_fp8=self.kernels.fp8).tensors
         banks = {layer: self._bank(old.banks.get(layer), loaded, layer, gained.get(layer, []), ids)
                  for layer, ids in wanted.items()}
         self.holding = Holding(wanted, banks, _held_mask(self.cfg.n_layers, self.cfg.n_experts, wanted), tag)
@@ -219,6 +221,11 @@ class ExpertShard:
         """Start the per-(layer, expert) token counters from zero."""
         self.tokens_served.zero_()
 
+    @property
+    def quantization(self) -> str:
+        """What the experts are held as: "int8", "fp8" or the serving dtype."""
+        return self.kernels.quantization or str(self.dtype).removeprefix("torch.")
+
     def info(self) -> dict[str, object]:
         return {
             "shard_id": self.shard_id,
@@ -228,7 +235,7 @@ class ExpertShard:
             "channels": self.endpoint.connected() if self.endpoint else None,
             "experts": self.experts,
             "param_bytes": self.param_bytes(),
-            "quantization": "int8" if self.kernels.quantize else str(self.dtype).removeprefix("torch."),
+            "quantization": self.quantization,
             "kernels": self.kernels.report(),
             "placement": self.holding.tag,
             "busy_s": self.busy_s,

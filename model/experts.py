@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from moray.model.invariant import RowTiler
 from moray.model.kernels import Kernels, LinearWeight, weight_bytes
 from moray.model.layers import linear, pack_linear, swiglu
+from moray.model.weights import SCALE
 
 
 @dataclass
@@ -48,16 +49,19 @@ class ExpertBank(torch.nn.Module):
         *,
         deterministic: bool = False,
         kernels: Kernels | None = None,
+        scales: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
+        """`scales`: FP8 weights' as stored, "w1" / "w3" [E, F] and "w2" [E, D] (fp8.py)."""
         super().__init__()
         self.expert_ids = list(expert_ids)
         self.deterministic = deterministic
         self.tiles = RowTiler()
         # w1 and w3 fused: one matmul gives both halves of the SwiGLU input. Each expert's weights in
-        # the layout of the kernel `kernels` chose here (`pack_linear`; int8 with `kernels.quantize`).
+        # the layout of the kernel `kernels` chose here (`pack_linear`; int8 or fp8 with `kernels`').
         w13 = torch.cat([w1, w3], dim=1)  # [E, 2F, D]
-        self.w13: list[LinearWeight] = [pack_linear(w, kernels) for w in w13.unbind(0)]  # E x [2F, D]
-        self.w2: list[LinearWeight] = [pack_linear(w, kernels) for w in w2.unbind(0)]  # E x [D, F]
+        s13, s2 = (torch.cat([scales["w1"], scales["w3"]], dim=1), scales["w2"]) if scales else (None, None)
+        self.w13: list[LinearWeight] = _pack_each(w13, s13, kernels)  # E x [2F, D]
+        self.w2: list[LinearWeight] = _pack_each(w2, s2, kernels)  # E x [D, F]
         del w13
         local = torch.full((num_global_experts,), -1, dtype=torch.long)
         local[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
@@ -80,9 +84,13 @@ class ExpertBank(torch.nn.Module):
             w: torch.stack([tensors[f"layers.{layer}.experts.{e}.{w}"] for e in ids])
             for w in ("w1", "w2", "w3")
         }
+        scales = {  # FP8 weights kept as stored (weights.py `SCALE`)
+            w: torch.stack([tensors[f"layers.{layer}.experts.{e}.{w}{SCALE}"] for e in ids])
+            for w in ("w1", "w2", "w3") if f"layers.{layer}.experts.{ids[0]}.{w}{SCALE}" in tensors
+        }
         return cls(
             ids, stack["w1"], stack["w2"], stack["w3"], num_global_experts, deterministic=deterministic,
-            kernels=kernels,
+            kernels=kernels, scales=scales or None,
         )
 
     @classmethod
@@ -144,8 +152,15 @@ class ExpertBank(torch.nn.Module):
         return linear(F.silu(g) * u, self.w2[e])  # [m, D]
 
     def param_bytes(self) -> int:
-        """Resident bytes of the bank's expert weights (int8 ones: the int8 values and their scales)."""
+        """Resident bytes of the bank's expert weights (int8 / fp8 ones: their 8-bit values and scales)."""
         return sum(map(weight_bytes, (*self.w13, *self.w2)))
+
+
+def _pack_each(w: torch.Tensor, scales: torch.Tensor | None, kernels: Kernels | None) -> list[LinearWeight]:
+    """Each expert's weight of w [E, N, K] (FP8 ones with their `scales` [E, N]) packed on its own."""
+    if scales is None:
+        return [pack_linear(we, kernels) for we in w.unbind(0)]
+    return [pack_linear(we, kernels, se) for we, se in zip(w.unbind(0), scales.unbind(0), strict=True)]
 
 
 class LocalExperts:

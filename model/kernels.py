@@ -26,11 +26,22 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeAlias
 
 import torch
 import torch.nn.functional as F
+
+from moray.model.fp8 import (
+    FP8,
+    FP8_KERNELS,
+    Fp8Linear,
+    channel_scales,
+    default_fp8_kernel,
+    fp8_native,
+    quantize_fp8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +51,7 @@ GIVE_UP = 4.0  # a probed kernel this many times slower than the best is timed o
 PACK_BATCH = 16  # the row count oneDNN's weight layout is chosen for (fast from 1 to ~64 rows)
 FLOAT_KERNELS = ("onednn", "dense")  # oneDNN-packed (fp32; bf16 where the CPU has bf16), `F.linear`
 INT8_KERNELS = ("int8", "int8-bf16", "int8-dequant")
-KERNELS = FLOAT_KERNELS + INT8_KERNELS
+KERNELS = FLOAT_KERNELS + INT8_KERNELS + FP8_KERNELS
 
 
 @dataclass(eq=False)
@@ -86,7 +97,7 @@ class Int8Linear:
         return F.linear(x, self.q.to(x.dtype)) * self.scales  # int8-dequant: one cast, then GEMM
 
 
-LinearWeight = torch.Tensor | Int8Linear
+LinearWeight: TypeAlias = torch.Tensor | Int8Linear | Fp8Linear  # noqa: UP040 - explicit: mypy types moray.* imports as Any
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,14 +109,14 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def weight_bytes(w: LinearWeight) -> int:
     """Resident bytes of a packed weight (oneDNN's blocked layout: the plain tensor's size)."""
-    return w.nbytes() if isinstance(w, Int8Linear) else w.numel() * w.element_size()
+    return w.nbytes() if isinstance(w, (Int8Linear, Fp8Linear)) else w.numel() * w.element_size()
 
 
 @dataclass(frozen=True)
 class Choice:
     """The probe's verdict for one (kind, dtype, shape): the layout and, per row bucket, the kernel."""
 
-    layout: str  # "onednn" | "dense" | "int8"
+    layout: str  # "onednn" | "dense" | "int8" | "fp8"
     by_rows: tuple[tuple[int, str], ...]
     ms: dict[str, dict[str, float]]  # rows -> kernel -> best time (ms); {} when forced or not probed
 
@@ -121,25 +132,38 @@ class Choice:
 class Kernels:
     """Packs the linear weights of one process for the kernels chosen on this machine.
 
-    `quantize`: hold the weights as weight-only int8 (`Int8Linear`). `force`: one kernel for every
-    weight and row count (tests, A/B runs); it must suit the weights (a float kernel for float weights,
-    an int8 one with `quantize`). `probe=False`: no timing, the default kernel (oneDNN-packed for fp32
-    where it exists): the deterministic mode keeps its kernels. `cache_dir`: where the machine's choices
-    are kept (default $XDG_CACHE_HOME/moray, else ~/.cache/moray).
+    `quantize`: hold the weights as weight-only int8 (`Int8Linear`); `fp8`: as FP8 (`Fp8Linear`,
+    fp8.py: its kernel is a per-device default, never probed: the two differ in numerics). `force`: one
+    kernel for every weight and row count (tests, A/B runs); it must suit the weights (a float kernel for
+    float weights, an int8 one with `quantize`, an fp8 one with `fp8`). `probe=False`: no timing, the
+    default kernel (oneDNN-packed for fp32 where it exists): the deterministic mode keeps its kernels.
+    `cache_dir`: where the machine's choices are kept (default $XDG_CACHE_HOME/moray, else
+    ~/.cache/moray).
     """
 
     def __init__(self, *, quantize: bool = False, force: str | None = None, probe: bool = True,
-                 cache_dir: str | Path | None = None) -> None:
-        allowed = INT8_KERNELS if quantize else FLOAT_KERNELS
+                 cache_dir: str | Path | None = None, fp8: bool = False) -> None:
+        self.quantize, self.fp8 = quantize and not fp8, fp8
+        allowed = KERNELS_OF[self.quantization]
         if force is not None and force not in allowed:
-            raise ValueError(f"kernel {force!r} does not compute {'int8' if quantize else 'float'} weights; "
+            raise ValueError(f"kernel {force!r} does not compute {self.quantization or 'float'} weights; "
                              f"choose one of {', '.join(allowed)}")
-        self.quantize, self.force, self.probe = quantize, force, probe
+        self.force, self.probe = force, probe
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.choices: dict[str, Choice] = {}  # this process's choices, by `_key`
 
-    def pack(self, w: torch.Tensor) -> LinearWeight:
-        """`w` [N, K] in the layout of its chosen kernel (`linear` computes with it)."""
+    @property
+    def quantization(self) -> str | None:
+        """What the weights are held as: "int8", "fp8" or None (the serving dtype)."""
+        return "fp8" if self.fp8 else "int8" if self.quantize else None
+
+    def pack(self, w: torch.Tensor, scales: torch.Tensor | None = None) -> LinearWeight:
+        """`w` [N, K] in the layout of its chosen kernel (`linear` computes with it). An FP8 `w` (kept as a
+        checkpoint stores it) comes with its `scales` (per tensor or per output channel)."""
+        if self.fp8:
+            return self._fp8(w, scales)
+        if w.dtype == FP8:
+            raise ValueError("an FP8 weight is held only with quantization fp8")
         if w.dim() != 2 or w.device.type != "cpu":
             return w if not self.quantize or w.dim() != 2 else self._int8(w, _default_int8(w.device))
         choice = self.choose(w)
@@ -150,6 +174,18 @@ class Kernels:
     def _int8(self, w: torch.Tensor, by_rows: tuple[tuple[int, str], ...]) -> Int8Linear:
         q, scales = quantize_int8(w)
         return Int8Linear(q, scales.to(w.dtype), by_rows)
+
+    def _fp8(self, w: torch.Tensor, scales: torch.Tensor | None) -> Fp8Linear:
+        if w.dtype == FP8:
+            if scales is None:
+                raise ValueError("an FP8 weight needs its scales")
+            q, scales = w, channel_scales(scales, w.shape[0])
+        else:
+            q, scales = quantize_fp8(w)
+        kernel = self.force or default_fp8_kernel(q)
+        key = f"fp8:{q.shape[0]}x{q.shape[1]}"
+        self.choices.setdefault(key, Choice("fp8", ((PROBE_ROWS[-1], kernel),), {}))
+        return Fp8Linear(q, scales, kernel)
 
     def choose(self, w: torch.Tensor) -> Choice:
         key = _key(self.quantize, w)
@@ -363,41 +399,51 @@ def onednn_packs(dtype: torch.dtype) -> bool:
     return _ONEDNN[dtype]
 
 
+# the kernels that compute each kind of weight: float (None), int8, fp8
+KERNELS_OF: dict[str | None, tuple[str, ...]] = {
+    None: FLOAT_KERNELS, "int8": INT8_KERNELS, "fp8": FP8_KERNELS}
+
 
 @dataclass(frozen=True)
 class KernelOptions:
     """A serving setting's kernel options (picklable: every process that holds weights gets them and
     makes its own `Kernels`). `quantization` "int8" holds the experts (and, with `quantize_attention`,
-    attention and lm_head) as weight-only int8. `force` goes to the weights it computes (a float kernel
-    to float weights, an int8 one to int8 weights)."""
+    attention and lm_head) as weight-only int8, "fp8" as FP8 (fp8.py: an FP8 checkpoint's weights as
+    stored, float ones quantized at load). `force` goes to the weights it computes (a float kernel to
+    float weights, an int8 one to int8 weights, an fp8 one to fp8 weights)."""
 
-    quantization: str | None = None  # None | "int8"
+    quantization: str | None = None  # None | "int8" | "fp8"
     quantize_attention: bool = False
     force: str | None = None
 
     def __post_init__(self) -> None:
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"unknown quantization {self.quantization!r} (int8 or none)")
-        if self.quantize_attention and self.quantization != "int8":
-            raise ValueError("quantize_attention needs quantization int8")
-        if self.force is not None and not (self._fits(self.experts_int8) or self._fits(self.attention_int8)):
+        if self.quantization not in KERNELS_OF:
+            raise ValueError(f"unknown quantization {self.quantization!r} (int8, fp8 or none)")
+        if self.quantize_attention and self.quantization is None:
+            raise ValueError("quantize_attention needs quantization int8 or fp8")
+        if self.force is not None and not (self._fits(self.kind()) or self._fits(self.kind(attention=True))):
             raise ValueError(f"kernel {self.force!r} computes none of the weights of this setting")
 
-    @property
-    def experts_int8(self) -> bool:
-        return self.quantization == "int8"
+    def kind(self, attention: bool = False) -> str | None:
+        """What the experts' (`attention`: the attention side's) weights are held as: "int8", "fp8", None."""
+        return self.quantization if not attention or self.quantize_attention else None
 
-    @property
-    def attention_int8(self) -> bool:
-        return self.experts_int8 and self.quantize_attention
+    def _fits(self, kind: str | None) -> bool:
+        return self.force in KERNELS_OF[kind]
 
-    def _fits(self, quantize: bool) -> bool:
-        return self.force in (INT8_KERNELS if quantize else FLOAT_KERNELS)
+    def for_checkpoint(self, checkpoint_fp8: bool, device: str | torch.device) -> KernelOptions:
+        """The options a process holding weights on `device` applies: with no quantization asked, an FP8
+        checkpoint's experts stay FP8 where the device computes FP8 natively (CUDA capability >= 8.9);
+        elsewhere they are dequantized at load into the serving dtype."""
+        if self.quantization is None and checkpoint_fp8 and fp8_native(torch.device(device)):
+            return replace(self, quantization="fp8", force=self.force if self._fits("fp8") else None)
+        return self
 
     def kernels(self, *, attention: bool = False, deterministic: bool = False,
                 cache_dir: str | Path | None = None) -> Kernels:
         """The experts' (or, `attention`, the attention side's) kernels. Deterministic mode probes
         nothing: its kernels stay the defaults (invariant.py checks what they compute)."""
-        quantize = self.attention_int8 if attention else self.experts_int8
-        return Kernels(quantize=quantize, force=self.force if self._fits(quantize) else None,
-                       probe=not deterministic, cache_dir=cache_dir)
+        kind = self.kind(attention)
+        force = self.force if self._fits(kind) else None
+        return Kernels(quantize=kind == "int8", fp8=kind == "fp8", force=force, probe=not deterministic,
+                       cache_dir=cache_dir)

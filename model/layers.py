@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moray.model.fp8 import Fp8Linear
 from moray.model.kernels import Int8Linear, Kernels, LinearWeight, linear_dense
 
 
@@ -118,17 +119,19 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch
     return ids, torch.softmax(top_scores, dim=-1).to(x.dtype)
 
 
-def pack_linear(w: torch.Tensor, kernels: Kernels | None = None) -> LinearWeight:
+def pack_linear(w: torch.Tensor, kernels: Kernels | None = None, scales: torch.Tensor | None = None
+                ) -> LinearWeight:
     """`w` [N, K] in the layout of the kernel `kernels` chose for it here (model/kernels.py); without
     `kernels`, the default one, unprobed (oneDNN-packed for fp32 on CPU). A oneDNN-packed tensor cannot
-    be pickled or indexed: keep it in the process that made it and use it only through `linear`."""
-    return (kernels or Kernels(probe=False)).pack(w)
+    be pickled or indexed: keep it in the process that made it and use it only through `linear`.
+    `scales`: an FP8 `w`'s, kept as stored (fp8.py)."""
+    return (kernels or Kernels(probe=False)).pack(w, scales)
 
 
 def linear(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
-    """`F.linear(x, w)` for a weight `pack_linear` returned (packed, plain or int8), x [..., K]."""
+    """`F.linear(x, w)` for a weight `pack_linear` returned (packed, plain, int8 or fp8), x [..., K]."""
     flat = x.reshape(-1, x.shape[-1])
-    y = w(flat) if isinstance(w, Int8Linear) else linear_dense(flat, w)
+    y = w(flat) if isinstance(w, (Int8Linear, Fp8Linear)) else linear_dense(flat, w)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

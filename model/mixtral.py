@@ -29,7 +29,7 @@ from moray.model.layers import (
     rope_tables,
     route,
 )
-from moray.model.weights import load_attention, load_experts
+from moray.model.weights import SCALE, load_attention, load_experts
 
 
 class ExpertBackend(Protocol):
@@ -73,12 +73,12 @@ class Mixtral(torch.nn.Module):
         tensors = dict(weights)
         for i in range(cfg.n_layers):  # q, k and v in one matmul
             p = f"layers.{i}."
-            tensors[p + "wqkv"] = torch.cat(
-                [tensors.pop(p + "wq"), tensors.pop(p + "wk"), tensors.pop(p + "wv")]
-            )
+            _fuse(tensors, [p + "wq", p + "wk", p + "wv"], p + "wqkv")
         # The big matmul weights in the layout of the kernel `kernels` chose here (`pack_linear`: measured
-        # per shape; int8 with `kernels.quantize`); everything else as Parameters.
-        packed = {n: pack_linear(tensors.pop(n), kernels) for n in list(tensors) if n.endswith(PACKED)}
+        # per shape; int8 or fp8 with `kernels`', FP8 ones kept as stored with their scales); everything
+        # else as Parameters.
+        packed = {n: pack_linear(tensors.pop(n), kernels, tensors.pop(n + SCALE, None))
+                  for n in list(tensors) if n.endswith(PACKED)}
         self.params = torch.nn.ParameterDict(
             {n.replace(".", "_"): torch.nn.Parameter(t, requires_grad=False) for n, t in tensors.items()}
         )
@@ -140,6 +140,19 @@ class Mixtral(torch.nn.Module):
         return sum(map(weight_bytes, [*self._tensors.values(), *self._packed.values()]))
 
 
+def _fuse(tensors: dict[str, torch.Tensor], names: list[str], fused: str) -> None:
+    """Replace `names` [N_i, D] by their concatenation `fused` [Σ N_i, D]; FP8 ones kept as stored (with
+    `<name>.scale`) stay FP8 if all are, else are dequantized into the others' dtype."""
+    ws = [tensors.pop(n) for n in names]
+    scales = [tensors.pop(n + SCALE, None) for n in names]
+    if all(s is not None for s in scales):
+        tensors[fused + SCALE] = torch.cat(scales)  # type: ignore[arg-type]
+    elif any(s is not None for s in scales):
+        dtype = next(w.dtype for w, s in zip(ws, scales, strict=True) if s is None)
+        ws = [w if s is None else (w.float() * s[:, None]).to(dtype) for w, s in zip(ws, scales, strict=True)]
+    tensors[fused] = torch.cat(ws)
+
+
 def load_local(
     model_dir: str | Path,
     *,
@@ -152,10 +165,13 @@ def load_local(
     """The whole model in this process: attention side plus every expert (the parity oracle).
     `kernels` pack the experts' weights, `attention_kernels` (default: `kernels`) the attention side's."""
     cfg = MixtralConfig.load(model_dir)
-    attn = load_attention(model_dir, dtype=dtype, device=device)
+    attention_kernels = attention_kernels or kernels
+    attn = load_attention(model_dir, dtype=dtype, device=device,
+                          keep_fp8=attention_kernels is not None and attention_kernels.fp8)
     everything = {layer: list(range(cfg.n_experts)) for layer in range(cfg.n_layers)}
-    experts = load_experts(model_dir, everything, dtype=dtype, device=device)
-    model = Mixtral(cfg, attn.tensors, deterministic=deterministic, kernels=attention_kernels or kernels)
+    experts = load_experts(model_dir, everything, dtype=dtype, device=device,
+                           keep_fp8=kernels is not None and kernels.fp8)
+    model = Mixtral(cfg, attn.tensors, deterministic=deterministic, kernels=attention_kernels)
     return model, LocalExperts.from_weights(
         experts.tensors, everything, cfg.n_experts, deterministic=deterministic, kernels=kernels
     )

@@ -7,9 +7,12 @@ consolidated (`layers.{i}...` + `params.json`) names map onto ours through one d
 
 FP8 checkpoints in the compressed-tensors format (`quantization_config`, config.py `CheckpointQuant`):
 a weight stored as float8_e4m3fn beside its `weight_scale` (per tensor or per output channel) is
-dequantized once here, `weight.float() * weight_scale`, into the serving dtype; `--quantization int8`
-then re-quantizes it like any float weight. Weights without a scale (the config's `ignore`, e.g.
-lm_head) are read as stored. `input_scale` (static FP8 activation scales) is not read: weight-only.
+dequantized once here, `weight.float() * weight_scale`, into the serving dtype (`--quantization int8`
+then re-quantizes it like any float weight), or, with `keep_fp8` (`--quantization fp8`), handed over as
+stored: the FP8 tensor under our name and its scale as fp32 [N] under `<name>.scale` (`SCALE`), which
+`Kernels.pack` takes as they are (fp8.py). Weights without a scale (the config's `ignore`, e.g. lm_head)
+are read as stored. `input_scale` (static FP8 activation scales) is not read: activations are quantized
+per row on the fly (the "fp8" kernel) or not at all.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moray.model.config import MixtralConfig
+from moray.model.fp8 import channel_scales
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,13 @@ class Checkpoint:
 
     def read_weight(self, ckpt_name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, list[str]]:
         """A weight in a float dtype (FP8 ones dequantized to fp32) and the checkpoint names it read."""
+        t, scale, names = self.read_stored(ckpt_name, shape)
+        return (t if scale is None else t.float() * scale[:, None]), names
+
+    def read_stored(self, ckpt_name: str, shape: tuple[int, ...]
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+        """A weight as stored, its scale as fp32 [N] if it is FP8 (None: a float weight), and the
+        checkpoint names it read."""
         t = self.read(ckpt_name, shape)
         scale_name = ckpt_name.removesuffix(".weight") + ".weight_scale"
         quant = self.config.checkpoint_quant
@@ -132,18 +143,20 @@ class Checkpoint:
             if t.dtype in FP8_DTYPES:
                 raise CheckpointError(f"tensor {ckpt_name!r} is FP8 but the checkpoint has no "
                                       f"{scale_name!r} (or no compressed-tensors quantization_config)")
-            return t, [ckpt_name]
+            return t, None, [ckpt_name]
         scale = self.read(scale_name, None)
         if t.dtype not in FP8_DTYPES or scale.numel() not in quant.scale_sizes(shape[0]):
             raise CheckpointError(
                 f"tensor {ckpt_name!r} ({t.dtype}) with scale of shape {tuple(scale.shape)} is not an FP8 "
                 f"weight with per-{'/'.join(sorted(quant.strategies))} scales as quantization_config says"
             )
-        rows = scale.reshape(-1, 1).float()  # [1 | N, 1]
-        return t.float() * rows, [ckpt_name, scale_name]
+        return t, channel_scales(scale, shape[0]), [ckpt_name, scale_name]
 
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
+SCALE = ".scale"  # our name of an FP8 weight's scales: `<weight>.scale`
+# the weights `keep_fp8` keeps FP8 (those computed through `layers.linear`); an FP8 router is dequantized
+FP8_KEPT = (".wq", ".wk", ".wv", ".wo", "lm_head", ".w1", ".w2", ".w3")
 
 
 @dataclass(frozen=True)
@@ -157,9 +170,11 @@ class LoadedWeights:
 
 
 def load_attention(
-    model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    keep_fp8: bool = False,
 ) -> LoadedWeights:
-    """Everything but the experts: embeddings, norms, attention, routers, lm_head."""
+    """Everything but the experts: embeddings, norms, attention, routers, lm_head. `keep_fp8`: FP8
+    weights as stored, with their scales (module docstring)."""
     ckpt = Checkpoint(model_dir)
     cfg, shapes = ckpt.config, expected_shapes(ckpt.config)
     wanted: list[tuple[str, tuple[str, str], tuple[int, ...]]] = []
@@ -168,7 +183,7 @@ def load_attention(
             continue
         layers = range(cfg.n_layers) if "{i}" in tmpl else [None]
         wanted += [(tmpl.format(i=i) if i is not None else tmpl, names, shapes[tmpl]) for i in layers]
-    return _load(ckpt, wanted, dtype, device)
+    return _load(ckpt, wanted, dtype, device, keep_fp8)
 
 
 def load_experts(
@@ -177,8 +192,10 @@ def load_experts(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    keep_fp8: bool = False,
 ) -> LoadedWeights:
-    """Only the given experts: `{layer: [expert ids]}` -> `layers.{i}.experts.{e}.w{1,2,3}`."""
+    """Only the given experts: `{layer: [expert ids]}` -> `layers.{i}.experts.{e}.w{1,2,3}`. `keep_fp8`:
+    FP8 weights as stored, with their scales (`layers.{i}.experts.{e}.w{1,2,3}.scale`)."""
     ckpt = Checkpoint(model_dir)
     cfg, shapes = ckpt.config, expected_shapes(ckpt.config)
     wanted = []
@@ -192,7 +209,7 @@ def load_experts(
             wanted += [
                 (f"layers.{layer}.experts.{e}.{w}", EXPERT_TABLE[w], shapes[w]) for w in ("w1", "w2", "w3")
             ]
-    return _load(ckpt, wanted, dtype, device)
+    return _load(ckpt, wanted, dtype, device, keep_fp8)
 
 
 def _load(
@@ -200,14 +217,21 @@ def _load(
     wanted: list[tuple[str, tuple[str, str], tuple[int, ...]]],
     dtype: torch.dtype,
     device: str | torch.device,
+    keep_fp8: bool = False,
 ) -> LoadedWeights:
     tensors, loaded = {}, set()
     for ours, template, shape in wanted:
         name = ckpt.checkpoint_name(ours, template)
-        t, names = ckpt.read_weight(name, shape)
-        if ckpt.consolidated and ours.endswith((".wq", ".wk")):
+        if keep_fp8 and ours.endswith(FP8_KEPT):
+            t, scale, names = ckpt.read_stored(name, shape)
+        else:
+            (t, names), scale = ckpt.read_weight(name, shape), None
+        if ckpt.consolidated and ours.endswith((".wq", ".wk")):  # Mistral's layout: never FP8
             t = _unpermute_rotary(t, ckpt.config, heads_of(ours, ckpt.config))
-        tensors[ours] = t.to(device=device, dtype=dtype)
+        if scale is None:
+            tensors[ours] = t.to(device=device, dtype=dtype)
+        else:  # kept as stored
+            tensors[ours], tensors[ours + SCALE] = t.to(device), scale.to(device)
         loaded.update(names)
     log.debug("loaded %d tensors from %s", len(loaded), ckpt.dir)
     return LoadedWeights(tensors, frozenset(loaded))

@@ -17,11 +17,11 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from moray.deploy.app import model_dir, placement, run_app
 from moray.deploy.cli.common import fail, one_line
-from moray.deploy.serve.config import ConfigError, ServerConfig
+from moray.deploy.serve.config import ConfigError, KernelName, ServerConfig
 from moray.deploy.serve.network import (
     PortInUseError,
     check_port,
@@ -75,11 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", help="bearer token clients must send (default $MORAY_API_KEY)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
-    p.add_argument("--quantization", choices=["none", "int8"],
-                   help="int8: expert weights as weight-only int8, made at load (default none)")
+    p.add_argument("--quantization", choices=["none", "int8", "fp8"],
+                   help="int8: expert weights as weight-only int8, made at load; fp8: as FP8 (an FP8 "
+                        "checkpoint's as stored, a float one's quantized at load) (default none)")
     p.add_argument("--quantize-attention", action="store_true", default=None,
-                   help="with --quantization int8: the attention and lm_head linears too")
-    p.add_argument("--kernel", choices=["onednn", "dense", "int8", "int8-bf16", "int8-dequant"],
+                   help="with --quantization int8 or fp8: the attention and lm_head linears too")
+    p.add_argument("--kernel", choices=get_args(KernelName),
                    help="force one linear kernel (default: the fastest measured here, cached per machine)")
     p.add_argument("--served-model-name", help="model id clients send")
     p.add_argument("--verbose", action="store_true", help="stream the replicas' logs to this console")
@@ -137,7 +138,8 @@ def _expert_memory(config: Any, num_shards: int) -> str:
                      for g in range(num_shards)]
     except Exception as e:  # noqa: BLE001 - the server runs either way; say why the figure is missing
         return f"expert MB per replica unknown ({one_line(e)})"
-    kind = "int8" if config.quantization == "int8" else str(config.resolved_dtype()).removeprefix("torch.")
+    dtype = str(config.resolved_dtype()).removeprefix("torch.")
+    kind = config.quantization if config.quantization != "none" else dtype
     return f"expert weights per shard replica ({kind}): " + ", ".join(f"{mb} MB" for mb in per_shard)
 
 
@@ -158,7 +160,11 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, StartupError) as e:
         return fail(str(e))
     stop = _stop_event()
-    ray_info = _start_ray(args, config, plan.num_shards)
+    try:
+        ray_info = _start_ray(args, config, plan.num_shards)
+    except Exception as e:  # noqa: BLE001 - a cluster that does not answer, a node that did not start
+        _stop_ray()
+        return fail(f"{'cannot join Ray' if args.address else 'the local Ray did not start'}: {one_line(e)}")
     app = None
     try:
         log.info("model %s (%s), %d expert shards, device %s", config.served_model_name, path,
@@ -222,3 +228,13 @@ def _shutdown(config: Any, joined: bool) -> None:
     if not joined:
         forget_local_cluster()
     ray.shutdown()
+
+
+def _stop_ray() -> None:
+    """Stop what a failed `ray.init` may have started (a local node's processes)."""
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception as e:  # noqa: BLE001 - already failing; say why the cleanup failed too
+        log.warning("ray shutdown: %s", one_line(e))

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from moray.model.kernels import KernelOptions
 
 TINY_MODEL_NAME = "moray-tiny"
+# model/kernels.py KERNELS (named here so that the CLI does not load torch; a test checks they agree)
+KernelName = Literal["onednn", "dense", "int8", "int8-bf16", "int8-dequant", "fp8", "fp8-dequant"]
 API_KEY_ENV = "MORAY_API_KEY"
 
 
@@ -52,15 +54,21 @@ class ServerConfig(BaseModel):
         "auto", description="Where the model runs; 'auto' = cuda when a GPU is visible, else cpu.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights/activations dtype; 'auto' = bfloat16 on cuda, float32 on cpu.")
-    quantization: Literal["none", "int8"] = Field(
+    quantization: Literal["none", "int8", "fp8"] = Field(
         "none", description="'int8': expert weights held as weight-only int8 (per output channel symmetric "
-                            "scales), made at load from the checkpoint by each process that holds them.")
+                            "scales), made at load from the checkpoint by each process that holds them. "
+                            "'fp8': held as FP8 (float8_e4m3fn, per output channel scales): an FP8 "
+                            "checkpoint's weights as stored, a float one's quantized at load. 'none': the "
+                            "serving dtype (an FP8 checkpoint stays FP8 on GPUs with FP8, capability >= 8.9; "
+                            "elsewhere it is dequantized at load).")
     quantize_attention: bool = Field(
-        False, description="With quantization int8: the attention and lm_head linears too.")
-    kernel: Literal["onednn", "dense", "int8", "int8-bf16", "int8-dequant"] | None = Field(
+        False, description="With quantization int8 or fp8: the attention and lm_head linears too.")
+    kernel: KernelName | None = Field(
         None, description="Force one linear kernel wherever it fits the weights (a float kernel for float "
-                          "weights, an int8 one for int8 weights); None = the fastest measured on this "
-                          "machine (a probe at load, cached per machine in $XDG_CACHE_HOME/moray).")
+                          "weights, an int8 one for int8 weights, an fp8 one for fp8 weights: 'fp8' W8A8 "
+                          "torch._scaled_mm, 'fp8-dequant' weight-only); None = the fastest measured on this "
+                          "machine (a probe at load, cached per machine in $XDG_CACHE_HOME/moray; fp8: "
+                          "'fp8' on GPUs with FP8, else 'fp8-dequant').")
     tiny_seed: int = Field(0, description="Seed of the embedded tiny model's random weights.")
     # --- engine ---
     max_num_seqs: int = Field(32, ge=1, description="Most sequences running in one engine step.")
@@ -159,6 +167,7 @@ class ServerConfig(BaseModel):
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}): every running sequence decodes one token per step")
         self.kernel_options()  # raises ValueError on a combination no kernel serves
+        self._check_fp8()
         if self.grpc_port is not None and self.port == self.grpc_port:
             raise ValueError(f"port and grpc_port must differ (both {self.port})")
         return self
@@ -177,6 +186,14 @@ class ServerConfig(BaseModel):
             return cls(**values)
         except ValidationError as e:
             raise ConfigError(_one_line(e, config_file)) from None
+
+    def _check_fp8(self) -> None:
+        """FP8 on CUDA: `torch._scaled_mm` with per-row scales writes bfloat16 only (cuBLASLt), so the W8A8
+        kernel needs bfloat16 activations; the weight-only one computes any dtype."""
+        if (self.quantization == "fp8" and self.kernel != "fp8-dequant" and self.resolved_device() == "cuda"
+                and self.dtype not in ("auto", "bfloat16")):
+            raise ValueError(f"quantization fp8 on cuda computes in bfloat16 (torch._scaled_mm with per-row "
+                             f"scales), not {self.dtype}: use dtype bfloat16, or kernel fp8-dequant")
 
     def kernel_options(self) -> KernelOptions:
         from moray.model.kernels import KernelOptions

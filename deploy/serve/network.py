@@ -176,7 +176,29 @@ def join_address(address: str | None) -> str:
         loopback = bool(host) and is_loopback(host)
     if loopback:
         ray_on_loopback()
+    check_reachable(address)
     return address
+
+
+class ClusterUnreachableError(ConnectionError):
+    """The Ray cluster at an address does not accept connections; the message names the address."""
+
+
+REACH_S = 5.0  # Ray itself keeps dialling an address that does not answer for minutes
+
+
+def check_reachable(address: str, timeout_s: float = REACH_S) -> None:
+    """Raise `ClusterUnreachableError` unless `address` ("host:port" or "ray://host:port"; others are left
+    to Ray) accepts a TCP connection within `timeout_s`."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterUnreachableError(f"the Ray cluster at {address} does not answer "
+                                      f"({e.strerror or type(e).__name__})") from None
 
 
 def _token_auth_as_auto() -> None:

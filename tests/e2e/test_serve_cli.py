@@ -143,8 +143,8 @@ def bad_placement(path: Path, tiny_dir: Path) -> Path:
     return path
 
 
-def startup_error_cases(tmp: Path, tiny_dir: Path, busy_port: int,
-                        busy_grpc_port: int) -> dict[str, tuple[list[str], str]]:
+def startup_error_cases(tmp: Path, tiny_dir: Path, busy_port: int, busy_grpc_port: int,
+                        refusing_port: int) -> dict[str, tuple[list[str], str]]:
     """Case -> (`moray serve` arguments, a word its one-line error must name)."""
     (tmp / "empty").mkdir()
     (tmp / "bad.yaml").write_text("num_shards: [oops\n")
@@ -164,7 +164,12 @@ def startup_error_cases(tmp: Path, tiny_dir: Path, busy_port: int,
         "port-in-use": (["--model", str(tiny_dir), "--port", str(busy_port)], str(busy_port)),
         "grpc-port-in-use": (["--model", str(tiny_dir), "--grpc-port", str(busy_grpc_port)], "gRPC"),
         "bad-config-file": (["--config", str(tmp / "bad.yaml")], "bad.yaml"),
+        "unreachable-cluster": (["--model", str(tiny_dir), "--address", f"127.0.0.1:{refusing_port}"],
+                                "does not answer"),
         "int8-kernel-without-int8": (["--model", str(tiny_dir), "--kernel", "int8"], "int8"),
+        # FP8's W8A8 kernel on CUDA writes bfloat16 only: fp32 activations are refused before anything starts
+        "fp8-in-float32-on-cuda": (["--model", str(tiny_dir), "--quantization", "fp8", "--device", "cuda",
+                                    "--dtype", "float32"], "bfloat16"),
         **{case: (["--model", str(quantized_copy(tmp / case, tiny_dir, quant))], named)
            for case, (quant, named) in UNSUPPORTED_QUANTIZATION.items()},
     }
@@ -211,7 +216,8 @@ def quantized_copy(path: Path, plain: Path, quant: dict[str, Any]) -> Path:
 
 CASES = ["missing-checkpoint", "empty-checkpoint", "unreadable-config-json", "placement-misses-an-expert",
          "more-shards-than-experts", "port-in-use", "grpc-port-in-use", "bad-config-file",
-         "int8-kernel-without-int8", *UNSUPPORTED_QUANTIZATION, "more-shards-than-gpus"]
+         "unreachable-cluster", "int8-kernel-without-int8", "fp8-in-float32-on-cuda",
+         *UNSUPPORTED_QUANTIZATION, "more-shards-than-gpus"]
 
 
 @dataclass(frozen=True)
@@ -225,14 +231,15 @@ class Failed:
 @pytest.fixture(scope="module")
 def startup_errors(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[str, Failed]:
     """Every startup-error case's `moray serve`, run a few at once (each is an import-bound process that
-    exits within seconds), while the ports its cases need taken are held."""
-    with socket.socket() as busy, socket.socket() as busy_grpc:
+    exits within seconds), while the ports its cases need taken (or refusing) are held."""
+    with socket.socket() as busy, socket.socket() as busy_grpc, socket.socket() as refusing:
         busy.bind(("127.0.0.1", 0))
         busy_grpc.bind(("0.0.0.0", 0))
+        refusing.bind(("127.0.0.1", 0))  # bound, never listening: a connection to it is refused
         for s in (busy, busy_grpc):
             s.listen()
         cases = startup_error_cases(tmp_path_factory.mktemp("startup"), tiny_dir, busy.getsockname()[1],
-                                    busy_grpc.getsockname()[1])
+                                    busy_grpc.getsockname()[1], refusing.getsockname()[1])
 
         def run(args: list[str], named: str) -> Failed:
             mark = os.urandom(8).hex()
@@ -357,6 +364,7 @@ def started(args: list[str], host: str = "127.0.0.1", env: dict[str, str] | None
     raise AssertionError("three picked ports were taken before the server bound them")
 
 
+@pytest.mark.exclusive  # starts a Ray of its own: slow to start beside other tests
 def test_exposed_with_a_key_answers_elsewhere_and_refuses_without() -> None:
     ip, key = machine_ip(), "k-" + os.urandom(8).hex()
     server = started(["--host", "0.0.0.0", "--grpc-port", GRPC_PORT, "--api-key", key], ip)
@@ -379,6 +387,7 @@ def test_exposed_with_a_key_answers_elsewhere_and_refuses_without() -> None:
         server.kill()
 
 
+@pytest.mark.exclusive  # starts a Ray of its own: slow to start beside other tests
 def test_exposed_without_a_key_warns_once() -> None:
     server = started(["--host", "0.0.0.0"], shards=1)  # the warning is the app's; one shard is enough
     try:

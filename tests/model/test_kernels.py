@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moray.model.fp8 import FP8, FP8_KERNELS, Fp8Linear, quantize_fp8
 from moray.model.kernels import (
     INT8_KERNELS,
+    KERNELS,
     PROBE_ROWS,
     ChoiceCache,
     Int8Linear,
@@ -67,6 +69,44 @@ def test_int8_is_symmetric_per_output_channel() -> None:
     assert torch.all((w - q.float() * scales[:, None]).abs() <= scales[:, None] / 2 + 1e-6)
 
 
+# Relative error (Frobenius) against the dequantized weights' fp32 linear: weight-only is exact up to fp32
+# rounding (bf16 activations: their own rounding); W8A8 adds the activations' FP8 rounding (3 mantissa bits:
+# ~2.5 % measured on these random rows, whatever the row count).
+FP8_TOLERANCE = {("fp8-dequant", torch.float32): 1e-5, ("fp8-dequant", torch.bfloat16): 1e-2,
+                 ("fp8", torch.float32): 0.05, ("fp8", torch.bfloat16): 0.05}
+
+
+@pytest.mark.parametrize("kernel", FP8_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_fp8_kernel_computes_the_dequantized_weight(kernel: str, dtype: torch.dtype,
+                                                          tmp_path: Path) -> None:
+    w = weight().to(dtype)
+    packed = pack_linear(w, Kernels(fp8=True, force=kernel, cache_dir=tmp_path))
+    assert isinstance(packed, Fp8Linear) and packed.q.dtype == FP8 and packed.kernel == kernel
+    dequantized = packed.q.float() * packed.scales[:, None]  # [N, K]
+    gen = torch.Generator().manual_seed(7)
+    errors = []
+    for rows in ROWS:
+        x = torch.randn(rows, 80, generator=gen).to(dtype)
+        y = linear(x, packed)
+        assert y.dtype == dtype and y.shape == (rows, 96)
+        want = F.linear(x.float(), dequantized)
+        errors += [((y.float() - want).norm() / want.norm()).item()] if rows else []
+    assert max(errors) <= FP8_TOLERANCE[kernel, dtype], errors
+    if kernel == "fp8":
+        assert min(errors) > 1e-3  # the activations are quantized too: close, not equal
+
+
+def test_fp8_is_per_output_channel_and_kept_as_given() -> None:
+    w = weight() * torch.linspace(0.01, 10, 96)[:, None]  # rows of very different magnitude
+    q, scales = quantize_fp8(w)
+    assert q.float().abs().amax(dim=1).tolist() == [448.0] * 96  # each row uses the full range
+    assert torch.all((w - q.float() * scales[:, None]).abs() <= w.abs() / 16 + scales[:, None] / 2**9)
+    packed = pack_linear(q, Kernels(fp8=True), scales.amax()[None])  # an FP8 weight with a per-tensor scale
+    assert isinstance(packed, Fp8Linear) and packed.q is q
+    assert torch.equal(packed.scales, scales.amax().expand(96))
+
+
 def test_probe_times_the_candidates_and_caches_the_choice(tmp_path: Path) -> None:
     w = weight(512, 512)  # MIN_PROBE_BYTES: smaller ones are not probed
     kernels = Kernels(cache_dir=tmp_path)
@@ -107,6 +147,14 @@ def test_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert default_cache_dir() == tmp_path / "moray"
 
 
+def test_the_server_config_names_every_kernel() -> None:
+    from typing import get_args
+
+    from moray.deploy.serve.config import KernelName
+
+    assert get_args(KernelName) == KERNELS
+
+
 def test_kernel_options_refuse_what_they_cannot_do() -> None:
     with pytest.raises(ValueError, match="computes none"):
         KernelOptions(force="int8")
@@ -116,3 +164,9 @@ def test_kernel_options_refuse_what_they_cannot_do() -> None:
         KernelOptions(quantize_attention=True)
     opts = KernelOptions(quantization="int8", force="dense")  # the attention side takes it
     assert opts.kernels(attention=True).force == "dense" and opts.kernels().force is None
+    fp8 = KernelOptions(quantization="fp8", quantize_attention=True, force="fp8")
+    assert fp8.kernels().fp8 and fp8.kernels(attention=True).force == "fp8"
+    with pytest.raises(ValueError, match="computes none"):
+        KernelOptions(quantization="fp8", force="int8")
+    with pytest.raises(ValueError, match="does not compute fp8"):
+        Kernels(fp8=True, force="dense")

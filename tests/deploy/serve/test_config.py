@@ -92,6 +92,7 @@ def test_served_model_name_explicit_and_trailing_slash() -> None:
         ({"port": 9000, "grpc_port": 9000}, "grpc_port"),
         ({"request_timeout_s": 0}, "request_timeout_s"),
         ({"api_key": ""}, "api_key"),
+        ({"quantization": "fp8", "device": "cuda", "dtype": "float32"}, "dtype"),
     ],
 )
 def test_invalid_values_name_the_field(values: dict[str, Any], field: str, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from moray.deploy.serve.network import (
     RAY_CLUSTERS_ENV,
+    ClusterUnreachableError,
     LocalCluster,
     PortInUseError,
     check_port,
@@ -132,6 +133,17 @@ def test_the_record_wins_over_rays_pick(ray_switch: None, gcs: str, monkeypatch:
     assert join_address("auto") == "auto" and not on_loopback()
     record_local_cluster(gcs)
     assert join_address("auto") == gcs and on_loopback()
+
+
+def test_an_address_that_does_not_answer_is_an_error_at_once(ray_switch: None, gcs: str) -> None:
+    """Ray keeps dialling an address that refuses for minutes; `join_address` says so within `REACH_S`."""
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))  # never listening: connections are refused
+        address = f"127.0.0.1:{refusing.getsockname()[1]}"
+        for given in (address, f"ray://{address}"):
+            with pytest.raises(ClusterUnreachableError, match=f"{given} does not answer"):
+                join_address(given)
+    assert join_address(gcs) == gcs
 
 
 def test_only_the_server_that_wrote_the_record_removes_it(ray_switch: None, gcs: str) -> None:
