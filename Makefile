@@ -22,11 +22,8 @@ lint: setup
 	$(BIN)/ruff check model actors deploy tests
 	$(BIN)/mypy model deploy
 
-# Two workers, a test file at a time each (most of a test's time is Ray and Serve starting, stopping and
-# health-checking processes, not CPU); TEST_WORKERS=0 runs it in one process.
-TEST_WORKERS ?= 2
 test: setup lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/moray bench $(ARGS)

@@ -1,22 +1,15 @@
 """Session fixtures: tiny random checkpoints (made once), the device, one local Ray for the session, and
 `teacher_forced`: scoring a token sequence through a served moray app; `teacher_forced_local`: the same in
 process; FP8 checkpoints written by the compressed-tensors library (`make_fp8`, `dequantize_fp8`).
-
-Parallel runs (`make test`: pytest-xdist, one file per worker at a time): each worker has its own Ray (its
-own Ray temp dir, so second drivers find their worker's cluster) and an equal share of the cores for torch.
-A test marked `exclusive` (its assertions bound a time or a rate) runs while no other test runs (`turn`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,40 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", .. in a parallel run; None otherwise
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
-if WORKER:  # its own Ray temp dir: the cluster record second drivers read (`moray.connect("auto")`)
-    os.environ["RAY_TMPDIR"] = os.path.join(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(),
-                                            f"moray-{WORKER}")
-
-
-@contextmanager
-def turn(exclusive: bool) -> Iterator[None]:
-    """Hold the parallel run's test lock while a test runs: shared, or alone for an `exclusive` test. A
-    waiting exclusive test holds the gate, so no new shared turn starts before it (no starving)."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run is None:
-        yield
-        return
-    base = Path(tempfile.gettempdir()) / f"moray-pytest-{run}"
-    with open(f"{base}.gate", "a") as gate, open(f"{base}.lock", "a") as lock:
-        fcntl.flock(gate, fcntl.LOCK_EX)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        finally:
-            fcntl.flock(gate, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
-    """Each test's setup (the fixtures it is the first to need), call and teardown in its `turn`."""
-    with turn(item.get_closest_marker("exclusive") is not None):
-        yield
+torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
@@ -141,29 +101,6 @@ class Scored:
     logprobs: list[float]  # log p(tokens[i + 1] | tokens[: i + 1])
     argmax: list[int]  # the model's most likely token after tokens[: i + 1]
     top: list[dict[int, float]]  # the k most likely next tokens after tokens[: i + 1] -> their logprobs
-
-    def agreement(self, other: Scored) -> float:
-        """Share of positions where both models' most likely next tokens are the same."""
-        assert self.tokens == other.tokens, "scores of different sequences"
-        return sum(a == b for a, b in zip(self.argmax, other.argmax, strict=True)) / len(self.argmax)
-
-    def mean_abs_delta(self, other: Scored) -> float:
-        """Mean |difference| of the given tokens' logprobs (score a reference model's greedy output to
-        get the reference's choices)."""
-        assert self.tokens == other.tokens, "scores of different sequences"
-        deltas = [abs(a - b) for a, b in zip(self.logprobs, other.logprobs, strict=True)]
-        return sum(deltas) / len(deltas)
-
-    def choice_deltas(self, other: Scored) -> list[float]:
-        """|difference| of the logprob of this model's most likely next token, position by position; `other`
-        must have been scored with enough `top` to hold it (its top-k logprobs)."""
-        assert self.tokens == other.tokens, "scores of different sequences"
-        out = []
-        for i, (mine, theirs) in enumerate(zip(self.top, other.top, strict=True)):
-            choice = self.argmax[i]
-            assert choice in theirs, f"position {i}: token {choice} not in the other's top {len(theirs)}"
-            out.append(abs(mine[choice] - theirs[choice]))
-        return out
 
 
 def score_tokens(base_url: str, model: str, tokens: list[int], api_key: str = "unused",

@@ -250,7 +250,6 @@ def test_a_shard_replica_killed_mid_move_abandons_it(ray_session: Any, skewed_di
         rt.shutdown()
 
 
-@pytest.mark.exclusive  # bounds a time: nothing else runs beside it
 def test_a_dispatcher_killed_mid_move_is_not_waited_for(ray_session: Any, skewed_dir: Path) -> None:
     """The move finishes without the dead dispatcher; one started afterwards routes with the new placement."""
     cfg = MixtralConfig.load(skewed_dir)

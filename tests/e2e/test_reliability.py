@@ -294,7 +294,6 @@ def resume(pid: int) -> None:
         pass  # Serve replaced it (killed it) already
 
 
-@pytest.mark.exclusive  # bounds a time: nothing else runs beside it
 def test_a_hung_expert_replica_costs_a_pause_not_an_error(hang_app: FaultApp, oracle: Oracle) -> None:
     """SIGSTOP one of shard 0's two replicas while 8 streams are mid-way: its rows go to the sibling at
     the first missed deadline; every stream keeps its tokens and pauses < MAX_PAUSE_S; after SIGCONT the
@@ -333,7 +332,6 @@ def test_a_hung_only_replica_is_replaced_and_streams_finish(fault_app: FaultApp,
           f"shard 0 healthy again {back_s:.1f} s later")
 
 
-@pytest.mark.exclusive  # bounds a time: nothing else runs beside it
 def test_a_shard_with_no_live_replica_fails_fast(fault_app: FaultApp, tiny_dir: Path) -> None:
     """`ShardedExperts` over the app's shard handles: equal to the in-process experts; with shard 0's
     replica dead and a short `shard_timeout_s`, a call fails with `ShardUnavailableError` once the
@@ -387,7 +385,6 @@ def poll_until_served(url: str, since: float) -> list[tuple[float, int, float, h
     return seen
 
 
-@pytest.mark.exclusive  # bounds a time: nothing else runs beside it
 def test_killed_dispatcher_ends_streams_with_errors_then_recovers(fault_app: FaultApp) -> None:
     wait_healthy(fault_app.url)
     (victim,) = replica_pids(fault_app.name, "dispatcher")
@@ -635,7 +632,6 @@ async def flood(app: ServedApp) -> tuple[list[tuple[httpx.Response, float]], lis
     return responses, health, engine
 
 
-@pytest.mark.exclusive  # bounds a time: nothing else runs beside it
 def test_flood_gets_fast_429s_and_every_accepted_request_is_right(served_app: ServedApp,
                                                                    oracle: Oracle) -> None:
     cfg = served_app.config

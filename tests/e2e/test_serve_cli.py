@@ -364,7 +364,6 @@ def started(args: list[str], host: str = "127.0.0.1", env: dict[str, str] | None
     raise AssertionError("three picked ports were taken before the server bound them")
 
 
-@pytest.mark.exclusive  # starts a Ray of its own: slow to start beside other tests
 def test_exposed_with_a_key_answers_elsewhere_and_refuses_without() -> None:
     ip, key = machine_ip(), "k-" + os.urandom(8).hex()
     server = started(["--host", "0.0.0.0", "--grpc-port", GRPC_PORT, "--api-key", key], ip)
@@ -387,7 +386,6 @@ def test_exposed_with_a_key_answers_elsewhere_and_refuses_without() -> None:
         server.kill()
 
 
-@pytest.mark.exclusive  # starts a Ray of its own: slow to start beside other tests
 def test_exposed_without_a_key_warns_once() -> None:
     server = started(["--host", "0.0.0.0"], shards=1)  # the warning is the app's; one shard is enough
     try:
@@ -452,7 +450,6 @@ def assert_loopback_only(server: Server, port: int) -> None:
     assert not moray_warnings(server)
 
 
-@pytest.mark.exclusive  # bounds a time: nothing else runs beside it
 def test_default_flags_answer_on_loopback_only_second_drivers_join_and_stop_clean() -> None:
     """No --model: the embedded tiny model. Default flags listen on loopback only (`assert_loopback_only`).
     The dispatcher reaches the shards over shared memory that never has a name: nothing appears in
