@@ -127,13 +127,12 @@ def read_local_cluster() -> LocalCluster | None:
     record = _load_record(local_cluster_file())
     if record is None:
         return None
-    host, _, port = record.gcs_address.rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
-            return record
-    except (OSError, ValueError):
+        check_reachable(record.gcs_address, timeout_s=2.0)
+    except ClusterUnreachableError:
         log.debug("ignoring the stale record of a local Ray at %s", record.gcs_address)
         return None
+    return record
 
 
 def _load_record(path: Path) -> LocalCluster | None:
@@ -167,16 +166,16 @@ def join_address(address: str | None) -> str:
     switches to loopback too, so that Ray dials 127.0.0.1 rather than this machine's network address."""
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     record = read_local_cluster() if address == "auto" else None
-    if record is not None:
+    if record is not None:  # its GCS port answered (`read_local_cluster`)
         address, loopback = record.gcs_address, record.loopback
         _token_auth_as_auto()
     else:
+        check_reachable(address)
         target = ray_auto_address() if address == "auto" else address
         host = target.removeprefix("ray://").rpartition(":")[0]
         loopback = bool(host) and is_loopback(host)
     if loopback:
         ray_on_loopback()
-    check_reachable(address)
     return address
 
 
