@@ -192,7 +192,9 @@ class TokenMasks:
         if self.bitmask.shape[0] < batch:
             rows_needed = max(batch, 2 * self.bitmask.shape[0])
             self.bitmask = _xgr().allocate_token_bitmask(rows_needed, self.vocab_size)
-        if self.threads > 1:
+        if self.threads > 1 and len({id(m) for m in matchers}) == len(matchers):
+            # xgrammar's threads each advance their own matcher: one matcher on two rows would race (a
+            # segfault in its parser), so a step that repeats a matcher is filled one row after another
             if self._batch is None:
                 self._batch = _xgr().BatchGrammarMatcher(self.threads)
             self._batch.batch_fill_next_token_bitmask(list(matchers), self.bitmask, list(rows))

@@ -162,14 +162,18 @@ def test_masks_equal_xgrammars_own_kernel(tiny_dir: Path, threads: int) -> None:
     matchers mid-string (most tokens allowed) and mid-structure (few allowed)."""
     tok = Tokenizer.from_model_dir(tiny_dir)
     grammars = Grammars(tok, vocab_size=tok.vocab_size + 64)
-    matchers = [grammars.matcher(c) for c in CONSTRAINTS]
-    for m, prefix in zip(matchers, ['{"age": 4, "name": "ab', "12", "ye", "(1+"], strict=True):
-        assert m.accept_string(prefix)
-    matchers.append(grammars.matcher(CONSTRAINTS[0]))  # at its start
+    prefixes = ['{"age": 4, "name": "ab', "12", "ye", "(1+", ""]  # the last at its start
+
+    def matcher(i: int) -> xgr.GrammarMatcher:  # a row's own matcher, as each sequence has
+        m = grammars.matcher(CONSTRAINTS[i % len(CONSTRAINTS)])
+        if prefixes[i]:
+            assert m.accept_string(prefixes[i])
+        return m
+
     masks = TokenMasks(grammars.vocab_size, threads=threads)
     generator = torch.Generator().manual_seed(7)
     for batch, rows in [(2, [1, 0]), (5, [0, 1, 2, 3, 4]), (8, [6, 0, 3]), (8, [2, 7, 5, 1])]:
-        chosen = [matchers[(r + batch) % len(matchers)] for r in rows]
+        chosen = [matcher(r % len(prefixes)) for r in rows]
         logits = torch.randn(batch, grammars.vocab_size, generator=generator)
         expected = logits.clone()
         bitmask = xgr.allocate_token_bitmask(batch, grammars.vocab_size)
@@ -179,3 +183,22 @@ def test_masks_equal_xgrammars_own_kernel(tiny_dir: Path, threads: int) -> None:
         masks.apply(logits, rows, chosen)
         assert torch.equal(logits, expected), (batch, rows)
     assert masks.bitmask.shape[0] >= 8
+
+
+def test_a_matcher_on_two_rows_is_filled_one_row_at_a_time(tiny_dir: Path) -> None:
+    """xgrammar's threaded fill advances each matcher in its own thread: given one matcher for two rows it
+    races (a segfault, seen once in a full run). `TokenMasks` fills such a step row by row, with the same
+    masks."""
+    tok = Tokenizer.from_model_dir(tiny_dir)
+    grammars = Grammars(tok, vocab_size=tok.vocab_size)
+    shared = grammars.matcher(CONSTRAINTS[0])
+    assert shared.accept_string('{"age": 4, "name": "ab')
+    rows = [0, 1, 2, 3]
+    chosen = [shared, grammars.matcher(CONSTRAINTS[1]), shared, shared]
+    logits = torch.randn(4, grammars.vocab_size, generator=torch.Generator().manual_seed(3))
+    expected = logits.clone()
+    TokenMasks(grammars.vocab_size, threads=1).apply(expected, rows, chosen)
+    for _ in range(50):  # the race shows in some tries only
+        got = logits.clone()
+        TokenMasks(grammars.vocab_size, threads=2).apply(got, rows, chosen)
+        assert torch.equal(got, expected)
