@@ -7,7 +7,7 @@ import dataclasses
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,25 @@ def test_multi_node_spread(ray_session: Any, tiny4_dir: Path, oracle: list[list[
         rt.shutdown()
 
 
+async def streams_with_a_fault(rt: Runtime, reqs: list[GenerateRequest], fault: Callable[[], Awaitable[None]],
+                              after: int = 10) -> list[list[TokenEvent]]:
+    """Stream `reqs` together through `rt`; once every stream has `after` tokens (none has ended), await
+    `fault()`; then every stream's tokens."""
+    got: list[list[TokenEvent]] = [[] for _ in reqs]
+
+    async def consume(i: int) -> None:
+        async for event in rt.stream(reqs[i]):
+            got[i].append(event)
+
+    streams = [asyncio.ensure_future(consume(i)) for i in range(len(reqs))]
+    while min(len(g) for g in got) < after:
+        assert not any(s.done() for s in streams), "a stream ended early"
+        await asyncio.sleep(0.01)
+    await fault()
+    await asyncio.gather(*streams)
+    return got
+
+
 def test_killed_shard_mid_stream(ray_session: Any, tiny4_dir: Path) -> None:
     """SIGKILL a shard's process while streams run: Ray restarts it, it announces a new endpoint, the
     dispatcher connects to it, and every stream finishes with the tokens it would have had."""
@@ -135,14 +154,10 @@ def test_killed_shard_mid_stream(ray_session: Any, tiny4_dir: Path) -> None:
     try:
         victim = ray.get(rt.shards[1].info.remote())
 
-        async def run() -> list[list[TokenEvent]]:
-            streams = [asyncio.ensure_future(stream(rt, r, 0.0)) for r in reqs]
-            await asyncio.sleep(0.5)
+        async def kill() -> None:
             os.kill(victim["pid"], signal.SIGKILL)
-            assert not any(s.done() for s in streams)  # killed mid-stream
-            return await asyncio.gather(*streams)
 
-        got = asyncio.run(run())
+        got = asyncio.run(streams_with_a_fault(rt, reqs, kill))
         for g, w in zip(got, want, strict=True):
             assert_same(g, w)
         stats = ray.get(rt.dispatcher.stats.remote())
@@ -173,22 +188,10 @@ def streams_survive_a_closed_channel(rt: Runtime, ckpt: Path) -> None:
     reqs = [GenerateRequest(p, long) for p in prompts(3, seed=12)]
     opened = ray.get(rt.dispatcher.stats.remote())["channels_opened"]
 
-    async def run() -> list[list[TokenEvent]]:
-        got: list[list[TokenEvent]] = [[] for _ in reqs]
-
-        async def consume(i: int) -> None:
-            async for event in rt.stream(reqs[i]):
-                got[i].append(event)
-
-        streams = [asyncio.ensure_future(consume(i)) for i in range(len(reqs))]
-        while min(len(g) for g in got) < 10:
-            assert not any(s.done() for s in streams), "a stream ended early"
-            await asyncio.sleep(0.01)
+    async def shut() -> None:
         assert await asyncio.to_thread(shut_channels, rt.shards[1]) == 1
-        await asyncio.gather(*streams)
-        return got
 
-    for g, w in zip(asyncio.run(run()), local_run(ckpt, reqs), strict=True):
+    for g, w in zip(asyncio.run(streams_with_a_fault(rt, reqs, shut)), local_run(ckpt, reqs), strict=True):
         assert_same(g, w)
     stats = ray.get(rt.dispatcher.stats.remote())
     assert {s for s, _, _ in stats["shard_faults"]} <= {1}, stats["shard_faults"]  # faults: shard 1's only
