@@ -86,6 +86,7 @@ class Mixtral(torch.nn.Module):
         self._packed = packed
         device = weights["embed"].device
         self.cos, self.sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, device)
+        self._rope_at: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []  # `_rope`
 
     def w(self, name: str) -> torch.Tensor:
         return self._tensors[name]
@@ -108,18 +109,29 @@ class Mixtral(torch.nn.Module):
     def attention(self, layer: int, h: torch.Tensor, batch: StepBatch, kv: KVCache) -> Routed:
         cfg, p = self.cfg, f"layers.{layer}."
         x = self._norm(h, self.w(p + "attn_norm"), cfg.norm_eps)
-        q, k, v = self._linear(x, self.lin(p + "wqkv")).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
-        q = q.reshape(-1, cfg.n_heads, cfg.head_dim)  # [T, H, d]
-        k = k.reshape(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
-        v = v.reshape(-1, cfg.n_kv_heads, cfg.head_dim)  # [T, K, d]
-        cos, sin = self.cos[batch.positions], self.sin[batch.positions]  # [T, d]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self._linear(x, self.lin(p + "wqkv"))  # [T, q_dim + 2 kv_dim]
+        T, H, K, d = qkv.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        qk = qkv[:, : cfg.q_dim + cfg.kv_dim].view(T, H + K, d)
+        qk = apply_rope(qk, *self._rope(batch))  # q and k in one pass
+        q, k = qk.split([H, K], dim=1)  # [T, H, d], [T, K, d]
+        v = qkv[:, cfg.q_dim + cfg.kv_dim:].view(T, K, d)
         kv.write(layer, batch.slot_mapping, k, v)
         attn = self._attend(q, kv.k[layer], kv.v[layer], batch)  # [T, H, d]
         h = h + self._linear(attn.flatten(1), self.lin(p + "wo"))
         x = self._norm(h, self.w(p + "ffn_norm"), cfg.norm_eps)
         ids, gates = self._route(x, self.w(p + "gate"), cfg.top_k)
         return Routed(h, x, ids, gates)
+
+    def _rope(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, d] at the step's positions: gathered once a step, not once a layer. The last two
+        batches' are kept (the two halves of a ping-pong step alternate layer by layer); each entry holds
+        its positions tensor, so a later tensor cannot be mistaken for it."""
+        for positions, at in self._rope_at:
+            if positions is batch.positions:
+                return at
+        at = self.cos[batch.positions], self.sin[batch.positions]
+        self._rope_at = [(batch.positions, at), *self._rope_at[:1]]
+        return at
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.w("embed") if self.cfg.tie_embeddings else self.lin("lm_head")
