@@ -123,8 +123,9 @@ class ServerConfig(BaseModel):
     shard_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves per expert-shard replica.")
     dispatcher_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per dispatcher replica.")
     torch_threads: int = Field(
-        1, ge=0, description="torch threads in each dispatcher and expert-shard replica; 0 = all the node's "
-                             "cores, so that each process uses them in its phase (attention, then experts) "
+        0, ge=0, description="torch threads in each dispatcher and expert-shard replica; 0 = all the node's "
+                             "cores, so that each process uses them in its phase (attention, then experts), "
+                             "its OpenMP threads sleeping while it waits (`omp_wait_policy`) "
                              "(actors/threads.py; measured in docs/performance.md).")
     omp_wait_policy: Literal["passive", "active"] = Field(
         "passive", description="How OpenMP threads of the dispatcher and shard replicas wait between "
