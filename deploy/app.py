@@ -21,15 +21,13 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from moray.actors.placement import Placement
 from moray.actors.threads import runtime_env
 from moray.deploy.api.grpc_server import GrpcServer
 from moray.deploy.api.ingress import OpenAIIngress
 from moray.deploy.serve.autoscaling import autoscaling_config
-from moray.deploy.serve.config import ServerConfig
+from moray.deploy.serve.config import ServerConfig, model_dir, placement
 from moray.deploy.serve.deployments import ServedDispatcher, ServedExpertShard
 from moray.deploy.serve.network import is_loopback, url_host
 from moray.deploy.serve.rebalancer import RebalancePolicy
@@ -37,7 +35,6 @@ from moray.deploy.serve.router import shard_router_config
 from moray.deploy.serve.state import DISPATCHER, INGRESS, shard_name
 from moray.model.config import MixtralConfig
 from moray.model.engine import EngineConfig
-from moray.model.tiny import TinySpec, default_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +49,11 @@ INGRESS_OPTIONS: dict[str, Any] = {"name": INGRESS, "max_ongoing_requests": 2000
 HEALTH_MARGIN = 16  # dispatcher calls beyond the engine's own limits: stats, health checks
 
 
-def model_dir(config: ServerConfig) -> str:
-    """The checkpoint directory; no `model`: the embedded tiny model (made on first use)."""
-    if config.model:
-        return str(Path(config.model).expanduser())
-    return str(default_model_dir(TinySpec(seed=config.tiny_seed)))
-
-
 def engine_config(config: ServerConfig) -> EngineConfig:
     return EngineConfig(max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens,
                         max_model_len=config.max_model_len, block_size=config.block_size,
                         max_waiting=config.max_waiting, pingpong=config.pingpong,
                         deterministic=config.deterministic)
-
-
-def placement(config: ServerConfig, model: MixtralConfig) -> Placement:
-    """The placement file, or experts dealt round-robin over `num_shards`; checked against the model."""
-    if config.placement:
-        plan = Placement.load(config.placement)
-    else:
-        plan = Placement.round_robin(model.n_layers, model.n_experts, config.num_shards)
-    plan.validate(model.n_layers, model.n_experts)
-    return plan
 
 
 def _process(config: ServerConfig) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """`moray serve`: check what can be checked, start (or join) Ray, run the app, stop cleanly on a signal.
 
 Everything that can fail before Ray starts (config, checkpoint, placement, GPUs, free ports) is
-checked first and reported as one line (exit code 2). SIGINT and SIGTERM shut Serve and Ray down.
+checked first and reported as one line (exit code 2), before Ray, Serve or the app are imported (a
+config or checkpoint error is ~1 s, not the ~5 s these imports take). SIGINT and SIGTERM shut Serve and
+Ray down.
 
 What listens where (`EPILOG`, also `moray serve --help`): the APIs on `--host` only, and in local
 mode the Ray cluster on 127.0.0.1 (`ray_on_loopback`), recorded for second drivers on this machine
@@ -19,9 +21,8 @@ import threading
 from pathlib import Path
 from typing import Any, get_args
 
-from moray.deploy.app import model_dir, placement, run_app
 from moray.deploy.cli.common import fail, one_line
-from moray.deploy.serve.config import ConfigError, KernelName, ServerConfig
+from moray.deploy.serve.config import ConfigError, KernelName, ServerConfig, model_dir, placement
 from moray.deploy.serve.network import (
     PortInUseError,
     check_port,
@@ -167,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"{'cannot join Ray' if args.address else 'the local Ray did not start'}: {one_line(e)}")
     app = None
     try:
+        from moray.deploy.app import run_app  # Ray Serve, the ingress: imported once the checks passed
+
         log.info("model %s (%s), %d expert shards, device %s", config.served_model_name, path,
                  plan.num_shards, config.resolved_device())
         app = run_app(config)

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 if TYPE_CHECKING:
     import torch
 
+    from moray.actors.placement import Placement
+    from moray.model.config import MixtralConfig
     from moray.model.kernels import KernelOptions
 
 TINY_MODEL_NAME = "moray-tiny"
@@ -218,6 +220,27 @@ class ServerConfig(BaseModel):
             return torch.bfloat16 if self.resolved_device() == "cuda" else torch.float32
         dtype: torch.dtype = getattr(torch, self.dtype)
         return dtype
+
+
+def model_dir(config: ServerConfig) -> str:
+    """The checkpoint directory; no `model`: the embedded tiny model (made on first use)."""
+    if config.model:
+        return str(Path(config.model).expanduser())
+    from moray.model.tiny import TinySpec, default_model_dir
+
+    return str(default_model_dir(TinySpec(seed=config.tiny_seed)))
+
+
+def placement(config: ServerConfig, model: MixtralConfig) -> Placement:
+    """The placement file, or experts dealt round-robin over `num_shards`; checked against the model."""
+    from moray.actors.placement import Placement
+
+    if config.placement:
+        plan = Placement.load(config.placement)
+    else:
+        plan = Placement.round_robin(model.n_layers, model.n_experts, config.num_shards)
+    plan.validate(model.n_layers, model.n_experts)
+    return plan
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
