@@ -2,8 +2,8 @@
 
 Everything that can fail before Ray starts (config, checkpoint, placement, GPUs, free ports) is
 checked first and reported as one line (exit code 2), before Ray, Serve or the app are imported (a
-config or checkpoint error is ~1 s, not the ~5 s these imports take). SIGINT and SIGTERM shut Serve and
-Ray down.
+bad checkpoint: 3.5 s on this 2-core box, where it was 5.3; torch, which validating the config's kernel
+options needs, is most of what is left). SIGINT and SIGTERM shut Serve and Ray down.
 
 What listens where (`EPILOG`, also `moray serve --help`): the APIs on `--host` only, and in local
 mode the Ray cluster on 127.0.0.1 (`ray_on_loopback`), recorded for second drivers on this machine
