@@ -109,7 +109,7 @@ def paged_attention(
         mask = torch.arange(L, device=q.device) <= batch.positions[:, None]  # [B, L]
         out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None],
                                              enable_gqa=True)  # [B, H, 1, d]
-        return out.view(T, H, d)
+        return out.reshape(T, H, d)  # a view whichever layout the backend wrote (Q = 1)
     queries = q.new_zeros(B, Q, H, d)
     queries[batch.seq_index, batch.query_index] = q
     query_pos = torch.zeros(B, Q, dtype=torch.long, device=q.device)  # padded queries see key 0 only

@@ -55,7 +55,8 @@ def served_app(ray_session: Any, tiny_dir: Path) -> Iterator[ServedApp]:
 
     config = ServerConfig(model=str(tiny_dir), served_model_name="moray-tiny-e2e", num_shards=2,
                           max_num_seqs=32, max_batch_tokens=512, max_waiting=32, api_key=None,
-                          port=free_port(), grpc_port=free_port(), shard_cpus=0.5, dispatcher_cpus=1.0)
+                          port=free_port(), grpc_port=free_port(), shard_cpus=0.5, dispatcher_cpus=1.0,
+                          torch_threads=1)  # the suite's many replicas share 2 cores: one thread each
     running = run_app(config, proxy_location="HeadOnly")
     app = ServedApp(f"http://127.0.0.1:{config.port}", f"127.0.0.1:{config.grpc_port}", config.app_name,
                     config.served_model_name or "", Path(tiny_dir), ray_session.address, config)

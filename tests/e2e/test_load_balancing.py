@@ -103,7 +103,7 @@ def lb_config(model: Path, **overrides: Any) -> ServerConfig:
     base: dict[str, Any] = dict(model=str(model), served_model_name=MODEL, app_name=APP,
                                 num_shards=NUM_SHARDS,
                                 max_num_seqs=32, max_batch_tokens=512, max_waiting=64, api_key=None,
-                                shard_cpus=0.5, dispatcher_cpus=1.0)
+                                shard_cpus=0.5, dispatcher_cpus=1.0, torch_threads=1)  # as served_app
     return ServerConfig(**{**base, **overrides})
 
 

@@ -76,7 +76,7 @@ def app_url(served_app: Any, skewed_dir: Path) -> Iterator[str]:
 
     config = ServerConfig(model=str(skewed_dir), served_model_name=MODEL, app_name=APP, num_shards=NUM_SHARDS,
                           redundant_experts=2, max_num_seqs=32, max_batch_tokens=512, max_waiting=64,
-                          api_key=None, shard_cpus=0.5, dispatcher_cpus=1.0)
+                          api_key=None, shard_cpus=0.5, dispatcher_cpus=1.0, torch_threads=1)  # as served_app
     serve.run(app_module.build_app(config), name=APP, route_prefix=PREFIX, blocking=False)
     url = f"{served_app.http_url}{PREFIX}"
     deadline = time.monotonic() + READY_S
