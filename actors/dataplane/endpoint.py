@@ -197,9 +197,9 @@ class ShardEndpoint:
         except (OSError, FrameError) as e:
             log.warning("data-plane channel from %s closed: %s", peer, str(e))  # str: no frame kept alive
         finally:
-            with self._lock:
+            with self._lock:  # closed before it stops counting: `connected()` 0 means no descriptor left
+                conn.close()
                 self._sessions.pop(id(session), None)
-            conn.close()
 
     def _hello(self, conn: socket.socket, local: bool) -> tuple[Header, list[int]] | None:
         """Read a HELLO (with its fds on the Unix socket); None if the peer left or was refused (every fd
