@@ -551,6 +551,10 @@ def test_no_descriptor_is_left_on_a_refused_channel(shards: list[ExpertShard]) -
             socket.send_fds(sock, [bytes(spec.hello(ep.token.hex()))[:10]], short)
             for fd in short:
                 os.close(fd)
+            sock.shutdown(socket.SHUT_WR)
+            # Until the endpoint closes its end it may not have taken the connection yet: one still in the
+            # listener's backlog counts in neither `connected()` nor our descriptors until it is accepted.
+            assert sock.recv(1) == b""
         wait_disconnected(ep)
         assert open_fds() - fds == set()
 

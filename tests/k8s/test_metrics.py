@@ -46,6 +46,23 @@ class Emitter:
         return ray.get_runtime_context().get_node_id()
 
 
+def ours(samples: list[tuple[dict[str, str], float]], **labels: object) -> list[float]:
+    return [v for lab, v in samples if all(lab.get(k) == str(x) for k, x in labels.items())]
+
+
+def exported(samples: dict[str, list[tuple[dict[str, str], float]]]) -> bool:
+    """Every name is exported and this module's tagged samples are among them (other tests record the
+    same names, so the names alone can be there before the emitter's values are)."""
+    tagged = [("ray_moray_requests_total", {"endpoint": ENDPOINT, "status": 200}),
+              ("ray_moray_requests_total", {"endpoint": ENDPOINT, "status": 429}),
+              ("ray_moray_expert_tokens_total", {"shard": SHARD, "layer": LAYER, "expert": EXPERT}),
+              ("ray_moray_shard_replicas", {"shard": SHARD}),
+              ("ray_moray_transport_seconds_count", {"shard": SHARD}),
+              ("ray_moray_shard_faults_total", {"shard": SHARD, "kind": "hung"})]
+    return exported_names() <= set(samples) and all(ours(samples.get(name, []), **labels)
+                                                    for name, labels in tagged)
+
+
 def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
     """Sample name -> [(labels, value)] for moray's samples."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -64,15 +81,11 @@ def scraped(ray_session: object) -> dict[str, list[tuple[dict[str, str], float]]
     (port,) = [n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == node_id]
     deadline = time.monotonic() + 90
     samples = scrape(port)
-    while not exported_names() <= set(samples) and time.monotonic() < deadline:
+    while not exported(samples) and time.monotonic() < deadline:
         time.sleep(2)
         samples = scrape(port)
     ray.kill(emitter)
     return samples
-
-
-def ours(samples: list[tuple[dict[str, str], float]], **labels: object) -> list[float]:
-    return [v for lab, v in samples if all(lab.get(k) == str(x) for k, x in labels.items())]
 
 
 def test_exported_names_are_what_ray_exports(scraped: dict[str, list[tuple[dict[str, str], float]]]) -> None:
