@@ -21,6 +21,10 @@ from moray.model.kernels import Kernels, LinearWeight, weight_bytes
 from moray.model.layers import linear, pack_linear, swiglu
 from moray.model.weights import SCALE
 
+# A request of at most this many slots (rows x experts per row) is grouped in Python (`ExpertBank._few`):
+# measured faster at 1-2 rows of top-2 (-5 % / -3 % of the experts' time, small preset), slower from 4.
+FEW_SLOTS = 4
+
 
 @dataclass
 class ExpertRequest:
@@ -67,6 +71,7 @@ class ExpertBank(torch.nn.Module):
         local[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
         self.local_index: torch.Tensor
         self.register_buffer("local_index", local, persistent=False)  # global id -> row in w13/w2
+        self._local: list[int] = local.tolist()  # the same, for `_few`
 
     @classmethod
     def from_weights(
@@ -116,10 +121,13 @@ class ExpertBank(torch.nn.Module):
         local = torch.full((num_global_experts,), -1, dtype=torch.long)
         local[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
         out.register_buffer("local_index", local.to(sources[0].local_index.device), persistent=False)
+        out._local = local.tolist()
         return out
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         n, k = expert_ids.shape
+        if n * k <= FEW_SLOTS and not self.deterministic:
+            return self._few(x, expert_ids, gates)
         flat_ids = expert_ids.reshape(-1)  # [n*k]
         local = torch.where(flat_ids >= 0, self.local_index[flat_ids.clamp(min=0)], -1)  # [n*k]
         keep = (local >= 0).nonzero().squeeze(1)
@@ -138,6 +146,29 @@ class ExpertBank(torch.nn.Module):
             return _sum_slots(weighted, order, n, k)
         y = torch.zeros_like(x)
         y.index_add_(0, rows, weighted)
+        return y
+
+    def _few(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """`forward` for a few slots (decode at low concurrency), grouped in Python: a third of the ops, and
+        the same numbers (each expert's rows in row order, added to zeros in expert order, as `forward`)."""
+        n, k = expert_ids.shape
+        local = self._local
+        slots: dict[int, list[int]] = {}
+        for slot, e in enumerate(expert_ids.reshape(-1).tolist()):
+            if e >= 0 and local[e] >= 0:
+                slots.setdefault(local[e], []).append(slot)
+        y = torch.zeros_like(x)
+        flat_gates = gates.reshape(-1, 1)
+        for e in sorted(slots):
+            rows = [s // k for s in slots[e]]
+            every_row = rows == list(range(n))
+            xs = x if every_row else x.index_select(0, torch.tensor(rows, device=x.device))
+            g = flat_gates[slots[e][0]: slots[e][0] + 1] if len(rows) == 1 else flat_gates[slots[e]]
+            weighted = self._swiglu(e, xs) * g.to(x.dtype)
+            if every_row:
+                y += weighted
+            else:
+                y.index_add_(0, torch.tensor(rows, device=x.device), weighted)
         return y
 
     def _expert(self, e: int, xs: torch.Tensor) -> torch.Tensor:

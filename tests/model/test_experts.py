@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 
+from moray.model import experts as experts_module
 from moray.model.experts import ExpertBank, LocalExperts, reference_moe, split_by_shard
 
 
@@ -87,6 +88,28 @@ def test_padding_slots_contribute_nothing() -> None:
     y = bank(x, ids, gates)
     assert torch.all(y[1] == 0)
     torch.testing.assert_close(y, reference_moe(x, ids, gates, weights, 0, 4))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_few_slots_give_the_grouped_numbers_bit_for_bit(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode of a row or two is grouped in Python (`_few`): the same bits as the sorted, grouped path,
+    with padding slots, experts of another shard, both slots of a row on one expert, top-1 and top-2."""
+    g = torch.Generator().manual_seed(seed)
+    weights = random_experts(0, 6, 16, 24, seed=seed)
+    bank = ExpertBank.from_weights(weights, 0, [0, 2, 3, 5], 6)
+    rows, slots = 1 + seed % 3, 1 + seed % 2
+    x = torch.randn(rows, 16, generator=g)
+    ids = torch.randint(-1, 6, (rows, slots), generator=g)
+    if seed == 11:
+        ids[0] = 2  # the same expert twice in one row
+    gates = torch.rand(rows, slots, generator=g)
+    monkeypatch.setattr(experts_module, "FEW_SLOTS", rows * slots)
+    few = bank(x, ids, gates)
+    monkeypatch.setattr(experts_module, "FEW_SLOTS", 0)
+    assert torch.equal(few, bank(x, ids, gates)), ids
+    if seed != 11:  # the loop reference's `y[rows] +=` adds a repeated row once
+        own = torch.where(torch.isin(ids, torch.tensor([0, 2, 3, 5])), ids, -1)
+        torch.testing.assert_close(few, reference_moe(x, own, gates, weights, 0, 6))
 
 
 def test_packed_linear_equals_f_linear_at_every_row_count() -> None:
