@@ -105,8 +105,9 @@ def _start_shards(transport: str, group: str | None) -> tuple[list[Any], Any]:
         if started:  # no proxies: nothing here is reached over HTTP
             serve.start(proxy_location="Disabled")
         deployment: Any = serve.deployment(EchoShard, ray_actor_options={"num_cpus": 0})
-        apps = [deployment.options(name=f"hop-shard-{s}").bind(s) for s in range(2)]
-        handles = [serve.run(app, name=f"moray-hop-{s}", route_prefix=None) for s, app in enumerate(apps)]
+        targets = [serve.RunTarget(deployment.options(name=f"hop-shard-{s}").bind(s), name=f"moray-hop-{s}",
+                                   route_prefix=None) for s in range(2)]
+        handles = serve.run_many(targets)  # both at once
 
         def stop() -> None:
             for s in range(2):
@@ -116,7 +117,7 @@ def _start_shards(transport: str, group: str | None) -> tuple[list[Any], Any]:
 
         return handles, stop
     actor: Any = ray.remote(num_cpus=0)(EchoShard)
-    shards = [actor.remote(s, group) for s in range(2)]
+    shards = [actor.remote(s, group) for s in range(2)]  # with an endpoint where `group` is given
     ray.get([s.ready.remote() for s in shards])
     return shards, lambda: [ray.kill(s) for s in shards]
 
@@ -129,23 +130,32 @@ def _serve_running() -> bool:
 
 def measure_hop(transports: Sequence[str] = TRANSPORTS, rows: Sequence[int] = ROWS,
                 iters: int = 300) -> dict[str, dict[int, dict[str, float]]]:
-    """Per transport and row count: p50 / p90 / p99 of one layer's hop, in microseconds."""
+    """Per transport and row count: p50 / p90 / p99 of one layer's hop, in microseconds. The Ray actor,
+    shared-memory and TCP transports share one pair of echo actors (with a data-plane endpoint)."""
     import ray
 
     dispatcher: Any = ray.remote(num_cpus=0)(HopDispatcher).remote()
+    group = f"hop-{uuid.uuid4().hex[:8]}"
+    actors: tuple[list[Any], Any] | None = None
     report: dict[str, dict[int, dict[str, float]]] = {}
-    for transport in transports:
-        group = f"hop-{uuid.uuid4().hex[:8]}" if transport in ("shm", "socket") else None
-        shards, stop = _start_shards(transport, group)
-        try:
-            times = ray.get(dispatcher.measure.remote(transport, shards, group, list(rows), iters))
-        finally:
-            stop()
-            if group:
-                Directory(group).clear()
-        report[transport] = {n: _percentiles(ts) for n, ts in times.items()}
-        log.info("hop %s: %s", transport, {n: round(p["p50_us"]) for n, p in report[transport].items()})
-    ray.kill(dispatcher)
+    try:
+        for transport in transports:
+            if transport == "serve":
+                shards, stop = _start_shards(transport, None)
+            else:
+                actors = actors or _start_shards(transport, group)
+                shards, stop = actors[0], lambda: None
+            try:
+                times = ray.get(dispatcher.measure.remote(transport, shards, group, list(rows), iters))
+            finally:
+                stop()
+            report[transport] = {n: _percentiles(ts) for n, ts in times.items()}
+            log.info("hop %s: %s", transport, {n: round(p["p50_us"]) for n, p in report[transport].items()})
+    finally:
+        if actors:
+            actors[1]()
+            Directory(group).clear()
+        ray.kill(dispatcher)
     return report
 
 
