@@ -82,8 +82,9 @@ def ray_session() -> Iterator[Any]:
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Metrics exported every 2 s (Ray's default is 10 s): the tests that scrape them wait less.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {"head_node": 1},
-                                                            "_system_config": {"metrics_report_interval_ms": 2000}})
+    head = {"num_cpus": 4, "resources": {"head_node": 1},
+            "_system_config": {"metrics_report_interval_ms": 2000}}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     for i in range(2):
         cluster.add_node(num_cpus=2, resources={"expert_node": 2, f"expert_node_{i}": 1})
     cluster.wait_for_nodes()
