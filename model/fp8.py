@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-FP8_KERNELS = ("fp8", "fp8-dequant")  # W8A8 `torch._scaled_mm`, weight-only
 CUDA_FP8_CAPABILITY = (8, 9)  # Ada and Hopper on: FP8 tensor cores, `torch._scaled_mm`
 SCALED_MM_ALIGN = 16  # cuBLASLt's FP8 GEMM wants K and N multiples of 16
 

@@ -35,13 +35,13 @@ import torch.nn.functional as F
 
 from moray.model.fp8 import (
     FP8,
-    FP8_KERNELS,
     Fp8Linear,
     channel_scales,
     default_fp8_kernel,
     fp8_native,
     quantize_fp8,
 )
+from moray.model.options import INT8_KERNELS, KERNELS_OF, check_options, held_as
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,6 @@ PROBE_ROWS = (1, 4, 16, 64)  # the row buckets timed: decode (1..16 in flight) t
 MIN_PROBE_BYTES = 1 << 20  # smaller weights take the default kernel: their µs timings would be noise
 GIVE_UP = 4.0  # a probed kernel this many times slower than the best is timed once only
 PACK_BATCH = 16  # the row count oneDNN's weight layout is chosen for (fast from 1 to ~64 rows)
-FLOAT_KERNELS = ("onednn", "dense")  # oneDNN-packed (fp32; bf16 where the CPU has bf16), `F.linear`
-INT8_KERNELS = ("int8", "int8-bf16", "int8-dequant")
-KERNELS = FLOAT_KERNELS + INT8_KERNELS + FP8_KERNELS
 
 
 @dataclass(eq=False)
@@ -399,11 +396,6 @@ def onednn_packs(dtype: torch.dtype) -> bool:
     return _ONEDNN[dtype]
 
 
-# the kernels that compute each kind of weight: float (None), int8, fp8
-KERNELS_OF: dict[str | None, tuple[str, ...]] = {
-    None: FLOAT_KERNELS, "int8": INT8_KERNELS, "fp8": FP8_KERNELS}
-
-
 @dataclass(frozen=True)
 class KernelOptions:
     """A serving setting's kernel options (picklable: every process that holds weights gets them and
@@ -417,16 +409,11 @@ class KernelOptions:
     force: str | None = None
 
     def __post_init__(self) -> None:
-        if self.quantization not in KERNELS_OF:
-            raise ValueError(f"unknown quantization {self.quantization!r} (int8, fp8 or none)")
-        if self.quantize_attention and self.quantization is None:
-            raise ValueError("quantize_attention needs quantization int8 or fp8")
-        if self.force is not None and not (self._fits(self.kind()) or self._fits(self.kind(attention=True))):
-            raise ValueError(f"kernel {self.force!r} computes none of the weights of this setting")
+        check_options(self.quantization, self.quantize_attention, self.force)
 
     def kind(self, attention: bool = False) -> str | None:
         """What the experts' (`attention`: the attention side's) weights are held as: "int8", "fp8", None."""
-        return self.quantization if not attention or self.quantize_attention else None
+        return held_as(self.quantization, self.quantize_attention, attention)
 
     def _fits(self, kind: str | None) -> bool:
         return self.force in KERNELS_OF[kind]

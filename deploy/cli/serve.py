@@ -1,9 +1,10 @@
 """`moray serve`: check what can be checked, start (or join) Ray, run the app, stop cleanly on a signal.
 
 Everything that can fail before Ray starts (config, checkpoint, placement, GPUs, free ports) is
-checked first and reported as one line (exit code 2), before Ray, Serve or the app are imported (a
-bad checkpoint: 3.5 s on this 2-core box, where it was 5.3; torch, which validating the config's kernel
-options needs, is most of what is left). SIGINT and SIGTERM shut Serve and Ray down.
+checked first and reported as one line (exit code 2), before Ray, Serve, torch or the app are imported
+(a bad checkpoint: 1.6 s on this 2-core box with a test suite running beside it, where it was 5.3, then
+3.5 s while checking the kernel options still loaded torch: `model/options.py` checks them without it).
+SIGINT and SIGTERM shut Serve and Ray down.
 
 What listens where (`EPILOG`, also `moray serve --help`): the APIs on `--host` only, and in local
 mode the Ray cluster on 127.0.0.1 (`ray_on_loopback`), recorded for second drivers on this machine

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from moray.model.kernels import KernelOptions
 
 TINY_MODEL_NAME = "moray-tiny"
-# model/kernels.py KERNELS (named here so that the CLI does not load torch; a test checks they agree)
+# model/options.py KERNELS, as a Literal for the config's schema (a test checks they agree)
 KernelName = Literal["onednn", "dense", "int8", "int8-bf16", "int8-dequant", "fp8", "fp8-dequant"]
 API_KEY_ENV = "MORAY_API_KEY"
 
@@ -169,7 +169,10 @@ class ServerConfig(BaseModel):
         if self.max_batch_tokens < self.max_num_seqs:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}): every running sequence decodes one token per step")
-        self.kernel_options()  # raises ValueError on a combination no kernel serves
+        from moray.model.options import check_options  # no torch: `moray serve` checks before loading it
+
+        check_options(None if self.quantization == "none" else self.quantization, self.quantize_attention,
+                      self.kernel)  # a combination no kernel serves
         self._check_fp8()
         if self.grpc_port is not None and self.port == self.grpc_port:
             raise ValueError(f"port and grpc_port must differ (both {self.port})")

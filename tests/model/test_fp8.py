@@ -18,11 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 from moray.model.config import MixtralConfig
-from moray.model.fp8 import FP8_KERNELS, Fp8Linear
+from moray.model.fp8 import Fp8Linear
 from moray.model.kernels import KernelOptions, LinearWeight
 from moray.model.kv_cache import KVCache
 from moray.model.layers import StepBatch
 from moray.model.mixtral import load_local
+from moray.model.options import FP8_KERNELS
 from moray.model.weights import load_experts
 
 POSITIONS = 256

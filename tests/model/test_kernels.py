@@ -10,10 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moray.model.fp8 import FP8, FP8_KERNELS, Fp8Linear, quantize_fp8
+from moray.model.fp8 import FP8, Fp8Linear, quantize_fp8
 from moray.model.kernels import (
-    INT8_KERNELS,
-    KERNELS,
     PROBE_ROWS,
     ChoiceCache,
     Int8Linear,
@@ -24,6 +22,7 @@ from moray.model.kernels import (
     quantize_int8,
 )
 from moray.model.layers import linear, pack_linear
+from moray.model.options import FP8_KERNELS, INT8_KERNELS, KERNELS
 
 ROWS = (0, 1, 3, 16, 17, 64, 65, 130)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from moray.model.config import MixtralConfig
-from moray.model.fp8 import FP8_KERNELS
 from moray.model.kernels import KernelOptions
+from moray.model.options import FP8_KERNELS
 
 POSITIONS = 512
 # Measured here (docs/performance.md, issue 23), int8 experts: the tiny model 506/512 = 98.8 % (mean |Δ|
