@@ -67,11 +67,7 @@ class ExpertBank(torch.nn.Module):
         self.w13: list[LinearWeight] = _pack_each(w13, s13, kernels)  # E x [2F, D]
         self.w2: list[LinearWeight] = _pack_each(w2, s2, kernels)  # E x [D, F]
         del w13
-        local = torch.full((num_global_experts,), -1, dtype=torch.long)
-        local[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
-        self.local_index: torch.Tensor
-        self.register_buffer("local_index", local, persistent=False)  # global id -> row in w13/w2
-        self._local: list[int] = local.tolist()  # the same, for `_few`
+        self._index(num_global_experts, torch.device("cpu"))
 
     @classmethod
     def from_weights(
@@ -118,11 +114,16 @@ class ExpertBank(torch.nn.Module):
         out.expert_ids, out.deterministic, out.tiles = ids, sources[0].deterministic, sources[0].tiles
         out.w13 = [where[e][0].w13[where[e][1]] for e in ids]  # E x [2F, D]
         out.w2 = [where[e][0].w2[where[e][1]] for e in ids]  # E x [D, F]
-        local = torch.full((num_global_experts,), -1, dtype=torch.long)
-        local[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
-        out.register_buffer("local_index", local.to(sources[0].local_index.device), persistent=False)
-        out._local = local.tolist()
+        out._index(num_global_experts, sources[0].local_index.device)
         return out
+
+    def _index(self, num_global_experts: int, device: torch.device) -> None:
+        """`local_index` (global id -> row in w13/w2, -1 where not held) on `device`; as a list for `_few`."""
+        local = torch.full((num_global_experts,), -1, dtype=torch.long)
+        local[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
+        self.local_index: torch.Tensor
+        self.register_buffer("local_index", local.to(device), persistent=False)
+        self._local: list[int] = local.tolist()
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         n, k = expert_ids.shape

@@ -171,8 +171,7 @@ class ServerConfig(BaseModel):
                              f"({self.max_num_seqs}): every running sequence decodes one token per step")
         from moray.model.options import check_options  # no torch: `moray serve` checks before loading it
 
-        check_options(None if self.quantization == "none" else self.quantization, self.quantize_attention,
-                      self.kernel)  # a combination no kernel serves
+        check_options(self._quantization(), self.quantize_attention, self.kernel)  # one no kernel serves
         self._check_fp8()
         if self.grpc_port is not None and self.port == self.grpc_port:
             raise ValueError(f"port and grpc_port must differ (both {self.port})")
@@ -204,8 +203,10 @@ class ServerConfig(BaseModel):
     def kernel_options(self) -> KernelOptions:
         from moray.model.kernels import KernelOptions
 
-        quantization = None if self.quantization == "none" else self.quantization
-        return KernelOptions(quantization, self.quantize_attention, self.kernel)
+        return KernelOptions(self._quantization(), self.quantize_attention, self.kernel)
+
+    def _quantization(self) -> str | None:
+        return None if self.quantization == "none" else self.quantization
 
     def resolved_device(self) -> str:
         """'cpu' or 'cuda'. An explicit 'cuda' is returned unchecked: the head building the app has no GPU."""
